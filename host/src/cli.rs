@@ -1,0 +1,338 @@
+//! The commands people type: `host start`, `stop`, `restart`, `status`,
+//! `reload`. All but `start` talk to the running master over its control
+//! socket and print what it answers.
+
+use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, RunDir};
+use crate::protocol::control::{ControlReply, ControlRequest, ReloadOutcome, ReloadStep, StatusReport};
+
+/// Serves HTTP from a pool of worker processes running a handler library,
+/// and replaces the library under them without dropping a request.
+#[derive(Debug, Parser)]
+#[command(name = "host", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Which config to use; shared by every command.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArg {
+    /// Config file [default: ./host.toml if present, else the built-in
+    /// config: the workspace's sample handler on 127.0.0.1:8080]
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the master and its workers (in the foreground unless -d)
+    Start {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Run in the background: returns once every worker is ready (exit
+        /// 0) or the start failed (exit 1, with the reason); logs go to
+        /// <run_dir>/host.log
+        #[arg(short, long)]
+        daemon: bool,
+    },
+    /// Stop the master and its workers, draining them gracefully
+    Stop {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Do not drain: close every connection at once
+        #[arg(long)]
+        now: bool,
+    },
+    /// Stop the running master (if any), then start in the background
+    Restart {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show groups and workers: pid, state, version, requests, memory
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace workers one at a time with ones running the handler file as
+    /// it is now; waits for the outcome (exit 0 only if it worked)
+    Reload {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this group
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+    },
+    /// Internal: a worker process, started by the master
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Runs a parsed command (all but `worker`).
+pub fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Start { config, daemon } => start(&config, daemon),
+        Command::Stop { config, now } => stop(&load(&config)?, now),
+        Command::Restart { config } => {
+            let loaded = load(&config)?;
+            match stop(&loaded, false) {
+                Ok(_) => {}
+                Err(e) if e.downcast_ref::<NotRunning>().is_some() => {}
+                Err(e) => return Err(e),
+            }
+            start(&config, true)
+        }
+        Command::Status { config, json } => status(&load(&config)?, json),
+        Command::Reload { config, group } => reload(&load(&config)?, group),
+        Command::Worker => unreachable!("handled in main"),
+    }
+}
+
+fn load(arg: &ConfigArg) -> Result<Config> {
+    Config::load(arg.config.as_deref())
+}
+
+fn start(arg: &ConfigArg, daemon: bool) -> Result<ExitCode> {
+    let config = load(arg)?;
+    if daemon {
+        return start_daemon(arg, &config);
+    }
+    let ready = std::env::var("HOST_READY_FD")
+        .ok()
+        .and_then(|fd| fd.parse::<i32>().ok())
+        // SAFETY: set by `start_daemon` for the fd it mapped into this process.
+        .map(|fd| unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    crate::master::run(config, ready)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts a master in its own session and waits for its start outcome.
+fn start_daemon(arg: &ConfigArg, config: &Config) -> Result<ExitCode> {
+    use command_fds::{CommandFdExt, FdMapping};
+    use std::os::unix::process::CommandExt;
+
+    let run_dir = RunDir::of(config);
+    std::fs::create_dir_all(&run_dir.root)
+        .with_context(|| format!("cannot create run directory {}", run_dir.root.display()))?;
+    let log_path = run_dir.log_file();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open log file {}", log_path.display()))?;
+    let (mut ready_reader, ready_writer) = std::io::pipe().context("cannot create a pipe")?;
+    let mut command = std::process::Command::new("/proc/self/exe");
+    command.arg0("host: master").arg("start");
+    if let Some(path) = &arg.config {
+        command.arg("--config").arg(std::path::absolute(path)?);
+    }
+    command
+        .env("HOST_READY_FD", "3")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .fd_mappings(vec![FdMapping {
+            parent_fd: ready_writer.into(),
+            child_fd: 3,
+        }])
+        .context("fd mapping")?;
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(Into::into));
+    }
+    let child = command.spawn().context("cannot start the master")?;
+    drop(command);
+    let mut outcome = String::new();
+    ready_reader.read_to_string(&mut outcome).context("cannot read the master's start outcome")?;
+    match outcome.trim_end().split_once(' ') {
+        Some(("ok", summary)) => {
+            println!("host started (pid {}): {summary}", child.id());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(("error", error)) => bail!("{error}"),
+        _ => bail!(
+            "the master exited during start; see {}",
+            log_path.display()
+        ),
+    }
+}
+
+/// The master is not running.
+#[derive(Debug)]
+struct NotRunning(PathBuf);
+
+impl std::fmt::Display for NotRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "host is not running (no master answers on {})", self.0.display())
+    }
+}
+
+impl std::error::Error for NotRunning {}
+
+/// One request to the master; replies come from the returned iterator.
+fn ask(config: &Config, request: &ControlRequest) -> Result<impl Iterator<Item = Result<ControlReply>>> {
+    let path = RunDir::of(config).control_socket();
+    let mut stream = UnixStream::connect(&path).map_err(|_| NotRunning(path.clone()))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line).context("cannot send to the master")?;
+    Ok(BufReader::new(stream).lines().map(|line| {
+        let line = line.context("lost the connection to the master")?;
+        serde_json::from_str(&line).with_context(|| format!("bad reply from the master: {line}"))
+    }))
+}
+
+fn stop(config: &Config, now: bool) -> Result<ExitCode> {
+    for reply in ask(config, &ControlRequest::Stop { now })? {
+        match reply? {
+            ControlReply::Accepted { message } => eprintln!("host: {message}"),
+            ControlReply::Error { message } => bail!("{message}"),
+            _ => {}
+        }
+    }
+    println!("host stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(config: &Config, json: bool) -> Result<ExitCode> {
+    for reply in ask(config, &ControlRequest::Status)? {
+        if let ControlReply::Status(report) = reply? {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_status(&report);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    bail!("the master sent no status")
+}
+
+fn print_status(report: &StatusReport) {
+    println!(
+        "master pid {}  up {}  restarts {}  rss {}{}",
+        report.pid,
+        duration(report.uptime_secs),
+        report.restarts,
+        mib(report.rss_bytes),
+        if report.reloading { "  (reload running)" } else { "" }
+    );
+    for group in &report.groups {
+        println!(
+            "group {}  {}  {}/{} ready  version {}  {}{}",
+            group.name,
+            group.listen,
+            group.ready,
+            group.count,
+            group.version,
+            group.handler,
+            if group.reloadable { "" } else { "  (not reloadable)" }
+        );
+    }
+    println!(
+        "{:<12} {:>4} {:>8} {:<9} {:<12} {:<10} {:>8} {:>10} {:>8} {:>6} {:>9}",
+        "GROUP", "SLOT", "PID", "STATE", "VERSION", "HANDLER", "UPTIME", "REQUESTS", "INFLIGHT", "CONNS", "RSS"
+    );
+    for w in &report.workers {
+        println!(
+            "{:<12} {:>4} {:>8} {:<9} {:<12} {:<10} {:>8} {:>10} {:>8} {:>6} {:>9}",
+            w.group,
+            w.slot,
+            w.pid,
+            format!("{:?}", w.state).to_lowercase(),
+            w.version,
+            w.handler_version.as_deref().unwrap_or("-"),
+            duration(w.uptime_secs),
+            w.requests,
+            w.in_flight,
+            w.connections,
+            mib(w.rss_bytes)
+        );
+    }
+}
+
+fn reload(config: &Config, group: Option<String>) -> Result<ExitCode> {
+    for reply in ask(config, &ControlRequest::Reload { group })? {
+        match reply? {
+            ControlReply::Accepted { message } => eprintln!("host: {message}"),
+            ControlReply::Progress(step) => println!("{}", describe_step(&step)),
+            ControlReply::Reloaded(outcome) => return Ok(print_outcome(&outcome)),
+            ControlReply::Error { message } => bail!("reload refused: {message}"),
+            ControlReply::Status(_) => {}
+        }
+    }
+    bail!("the master closed the connection before the reload ended")
+}
+
+fn describe_step(step: &ReloadStep) -> String {
+    let old = match (step.old_pid, &step.old_version) {
+        (Some(pid), Some(version)) => format!("pid {pid} ({version})"),
+        _ => "(empty slot)".to_owned(),
+    };
+    format!(
+        "{}{}/{}: {old} -> pid {} ({}) ready in {} ms",
+        if step.rollback { "rollback " } else { "" },
+        step.group,
+        step.slot,
+        step.new_pid,
+        step.new_version,
+        step.start_ms
+    )
+}
+
+fn print_outcome(outcome: &ReloadOutcome) -> ExitCode {
+    for killed in &outcome.killed {
+        println!(
+            "killed {}/{} pid {} at its stop timeout with {} request(s) in flight",
+            killed.group, killed.slot, killed.pid, killed.in_flight
+        );
+    }
+    for name in &outcome.notified {
+        println!("group {name} is not reloadable: its workers were notified");
+    }
+    let changes = outcome
+        .groups
+        .iter()
+        .map(|g| format!("{} {} -> {}", g.group, g.from, g.to))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match &outcome.error {
+        None => {
+            println!(
+                "reload ok: {changes}; new workers ready in {} ms, old workers gone in {} ms",
+                outcome.ready_ms, outcome.done_ms
+            );
+            ExitCode::SUCCESS
+        }
+        Some(error) => {
+            eprintln!("host: reload failed: {error}");
+            if !changes.is_empty() {
+                eprintln!("host: still serving {changes}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn duration(secs: f64) -> String {
+    let secs = secs as u64;
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / (1024.0 * 1024.0))
+}

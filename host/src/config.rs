@@ -1,0 +1,296 @@
+//! The configuration file (`host.toml`) and the built-in default.
+//!
+//! Relative paths in a file are resolved against the file's directory, so a
+//! config means the same thing whatever directory `host` is run from. With no
+//! file at all, `host` serves the sample handler that `cargo build` put next
+//! to the `host` binary, on 127.0.0.1:8080, one worker per core.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+/// The file looked for in the current directory when `-c` is not given.
+pub const DEFAULT_FILE: &str = "host.toml";
+
+/// The whole configuration, paths resolved.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Control socket, pid file, log file and handler store live here.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    /// The worker groups, each with its own listener and handler.
+    #[serde(rename = "group")]
+    pub groups: Vec<GroupConfig>,
+}
+
+/// How a worker runs its handler calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    /// On the worker's event loop: fastest for handlers that never block.
+    Inline,
+    /// On a pool of `pool_threads` threads per worker: for handlers that sleep
+    /// or do blocking I/O, so one slow call does not stall the connections.
+    Pool,
+}
+
+/// One group of identical workers sharing one listening socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Name used in logs, status and `reload --group`.
+    pub name: String,
+    /// Address to listen on; port 0 picks a free port (shown by `status`).
+    pub listen: SocketAddr,
+    /// Number of worker processes.
+    #[serde(default = "default_count")]
+    pub count: usize,
+    /// The handler library (`.so`) the workers load.
+    pub handler: PathBuf,
+    /// Whether `reload` replaces this group's workers.
+    #[serde(default = "default_true")]
+    pub reloadable: bool,
+    /// How long a new worker may take to load its handler and report ready.
+    #[serde(default = "default_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// How long a retiring worker may take to finish; then it is killed.
+    #[serde(default = "default_stop_timeout", with = "humantime_serde")]
+    pub stop_timeout: Duration,
+    /// How long a retiring worker keeps idle keep-alive connections open,
+    /// answering with `Connection: close`, before closing them.
+    #[serde(default = "default_lame_duck", with = "humantime_serde")]
+    pub lame_duck: Duration,
+    /// Where handler calls run.
+    #[serde(default = "default_dispatch")]
+    pub dispatch: Dispatch,
+    /// Threads per worker when `dispatch = "pool"`.
+    #[serde(default = "default_pool_threads")]
+    pub pool_threads: usize,
+    /// Largest request body accepted; larger ones get `413`.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Largest request head (request line + headers); larger ones get `431`.
+    #[serde(default = "default_max_header")]
+    pub max_header_bytes: usize,
+    /// Free-form settings handed to the handler's start callback.
+    #[serde(default)]
+    pub settings: BTreeMap<String, toml::Value>,
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from(".host")
+}
+fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+fn default_true() -> bool {
+    true
+}
+fn default_start_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_lame_duck() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_dispatch() -> Dispatch {
+    Dispatch::Inline
+}
+fn default_pool_threads() -> usize {
+    4
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+fn default_max_header() -> usize {
+    16 << 10
+}
+
+impl GroupConfig {
+    /// The handler settings as text, the form the ABI carries.
+    pub fn settings_as_text(&self) -> Vec<(String, String)> {
+        self.settings
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect()
+    }
+}
+
+impl Config {
+    /// Loads `path`, or `host.toml` in the current directory, or the default.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        match path {
+            Some(path) => Self::from_file(path),
+            None if Path::new(DEFAULT_FILE).exists() => Self::from_file(Path::new(DEFAULT_FILE)),
+            None => Self::builtin(),
+        }
+    }
+
+    fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), e.message()))
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::fs::canonicalize(base)
+            .with_context(|| format!("cannot resolve directory of {}", path.display()))?;
+        config
+            .resolve(&base)
+            .with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// The configuration used when there is no file.
+    pub fn builtin() -> Result<Config> {
+        let exe = std::env::current_exe().context("cannot locate the host binary")?;
+        let handler = exe
+            .parent()
+            .map(|dir| dir.join("libsample_handler.so"))
+            .context("the host binary has no parent directory")?;
+        let text = format!(
+            "[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nhandler = {:?}\n",
+            handler.display().to_string()
+        );
+        let config: Config = toml::from_str(&text).context("built-in config")?;
+        config.resolve(&std::env::current_dir().context("no current directory")?)
+    }
+
+    fn resolve(mut self, base: &Path) -> Result<Config> {
+        self.run_dir = base.join(&self.run_dir);
+        if self.groups.is_empty() {
+            bail!("no [[group]] defined: at least one group is needed");
+        }
+        let mut names = std::collections::HashSet::new();
+        for group in &mut self.groups {
+            if group.name.is_empty() || group.name.contains(['/', ' ']) {
+                bail!(
+                    "group name {:?} must be non-empty, without spaces or '/'",
+                    group.name
+                );
+            }
+            if !names.insert(group.name.clone()) {
+                bail!("two groups are named {:?}", group.name);
+            }
+            if group.count == 0 {
+                bail!("group {}: count must be at least 1", group.name);
+            }
+            if group.dispatch == Dispatch::Pool && group.pool_threads == 0 {
+                bail!("group {}: pool_threads must be at least 1", group.name);
+            }
+            if group.stop_timeout < group.lame_duck {
+                bail!(
+                    "group {}: stop_timeout ({:?}) must not be shorter than lame_duck ({:?})",
+                    group.name,
+                    group.stop_timeout,
+                    group.lame_duck
+                );
+            }
+            group.handler = base.join(&group.handler);
+        }
+        Ok(self)
+    }
+}
+
+/// Files inside the run directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    /// The directory itself.
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    /// The run directory of `config`.
+    pub fn of(config: &Config) -> RunDir {
+        RunDir {
+            root: config.run_dir.clone(),
+        }
+    }
+    /// The master's control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.root.join("control.sock")
+    }
+    /// Held locked by the running master.
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("host.lock")
+    }
+    /// The master's pid.
+    pub fn pid_file(&self) -> PathBuf {
+        self.root.join("host.pid")
+    }
+    /// Where a daemonized master logs.
+    pub fn log_file(&self) -> PathBuf {
+        self.root.join("host.log")
+    }
+    /// The content-addressed handler store.
+    pub fn store(&self) -> PathBuf {
+        self.root.join("store")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.resolve(Path::new("/srv/app"))
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let config = parse(
+            "run_dir = \"run\"\n[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ncount = 2\nhandler = \"lib/h.so\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.run_dir, Path::new("/srv/app/run"));
+        assert_eq!(config.groups[0].handler, Path::new("/srv/app/lib/h.so"));
+        assert!(config.groups[0].reloadable);
+        assert_eq!(config.groups[0].stop_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn durations_and_settings_parse() {
+        let config = parse(
+            "[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\nstart_timeout = \"500ms\"\n[group.settings]\ngreeting = \"hi\"\nanswer = 42\n",
+        )
+        .unwrap();
+        let group = &config.groups[0];
+        assert_eq!(group.start_timeout, Duration::from_millis(500));
+        assert_eq!(
+            group.settings_as_text(),
+            vec![
+                ("answer".to_owned(), "42".to_owned()),
+                ("greeting".to_owned(), "hi".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_bad_addresses_and_duplicates_are_refused() {
+        let unknown =
+            parse("[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\ncont = 2\n");
+        assert!(format!("{:#}", unknown.unwrap_err()).contains("unknown field `cont`"));
+        let address = parse("[[group]]\nname = \"web\"\nlisten = \"localhost\"\nhandler = \"h.so\"\n");
+        assert!(format!("{:#}", address.unwrap_err()).contains("invalid socket address"));
+        let twice = parse(
+            "[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\n[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\n",
+        );
+        assert!(format!("{:#}", twice.unwrap_err()).contains("two groups are named"));
+    }
+}

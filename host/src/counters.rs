@@ -1,0 +1,87 @@
+//! Per-worker counters in shared memory.
+//!
+//! The master creates a small memfd for each worker and passes it at spawn;
+//! the worker bumps atomics in it on the request path and the master reads
+//! them whenever it wants (status, metrics) without a round trip. The master
+//! keeps the mapping after the worker exits, so final counts are never lost.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context as _, Result};
+use memmap2::{MmapMut, MmapOptions};
+
+/// The counters one worker publishes.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Responses sent.
+    pub requests: AtomicU64,
+    /// Requests being answered.
+    pub in_flight: AtomicU64,
+    /// Open connections.
+    pub connections: AtomicU64,
+}
+
+impl WorkerCounters {
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A mapping of one worker's counters.
+pub struct SharedCounters {
+    map: MmapMut,
+}
+
+impl SharedCounters {
+    /// Creates zeroed counters; the fd is for the worker.
+    pub fn create() -> Result<(SharedCounters, OwnedFd)> {
+        let fd = nix::sys::memfd::memfd_create(c"host-counters", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .context("memfd_create")?;
+        let file = std::fs::File::from(fd);
+        file.set_len(std::mem::size_of::<WorkerCounters>() as u64)
+            .context("cannot size the counters memfd")?;
+        let counters = Self::map(&file)?;
+        Ok((counters, file.into()))
+    }
+
+    /// Maps counters created by the master.
+    pub fn open(fd: OwnedFd) -> Result<SharedCounters> {
+        Self::map(&std::fs::File::from(fd))
+    }
+
+    fn map(file: &std::fs::File) -> Result<SharedCounters> {
+        // SAFETY: the memfd is only ever accessed through atomics.
+        let map = unsafe { MmapOptions::new().len(std::mem::size_of::<WorkerCounters>()).map_mut(file) }
+            .context("cannot map the counters memfd")?;
+        Ok(SharedCounters { map })
+    }
+}
+
+impl std::ops::Deref for SharedCounters {
+    type Target = WorkerCounters;
+
+    fn deref(&self) -> &WorkerCounters {
+        // SAFETY: the mapping is page-aligned, at least as large as
+        // `WorkerCounters`, zero-initialised (a valid value of atomics), and
+        // lives as long as `self`.
+        unsafe { &*(self.map.as_ptr() as *const WorkerCounters) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_mappings_see_the_same_counters() {
+        let (master, fd) = SharedCounters::create().unwrap();
+        let worker = SharedCounters::open(fd).unwrap();
+        worker.requests.fetch_add(3, Ordering::Relaxed);
+        worker.in_flight.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(WorkerCounters::get(&master.requests), 3);
+        assert_eq!(WorkerCounters::get(&master.in_flight), 1);
+    }
+}

@@ -1,0 +1,634 @@
+//! The worker table and its transitions.
+//!
+//! A group has a fixed number of slots; each slot has at most one serving
+//! worker (`current`) and the version it should run. Workers move through
+//! `Starting → Ready → Draining → gone`. A worker that dies unexpectedly is
+//! replaced with its slot's version, after a backoff that grows while
+//! workers keep dying right after start (a crash loop never spins).
+//! Reloads live in `reload.rs`; this file calls into them when an event
+//! concerns a reload's replacement or retiring worker.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::BufReader;
+use tokio::sync::mpsc;
+
+use super::reload::{QueuedReload, ReloadRun};
+use super::spawn::spawn_worker;
+use super::store::{HandlerStore, Version};
+use super::{report_ready, Event, SignalAction};
+use crate::config::{Config, GroupConfig};
+use crate::counters::{SharedCounters, WorkerCounters};
+use crate::protocol::control::{ControlReply, ControlRequest, GroupStatus, StatusReport, WorkerState, WorkerStatus};
+use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
+use crate::protocol::{read_line, write_line};
+
+/// Identifies a worker for the master's whole life (pids get reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerId(pub u64);
+
+/// A group of identical workers on one listener.
+pub struct Group {
+    pub config: GroupConfig,
+    pub listener: std::net::TcpListener,
+    pub addr: SocketAddr,
+    /// The version new workers of this group run.
+    pub version: Arc<Version>,
+    pub slots: Vec<Slot>,
+}
+
+/// One position in a group.
+pub struct Slot {
+    /// The worker serving this slot.
+    pub current: Option<WorkerId>,
+    /// The version this slot runs (differs from the group's mid-reload).
+    pub version: Arc<Version>,
+    /// Consecutive quick deaths, for the restart backoff.
+    failures: u32,
+}
+
+/// Why a worker was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// To fill its slot (at start, or after a death).
+    Fill,
+    /// To replace the slot's worker in a reload.
+    Replacement,
+}
+
+/// One worker process.
+pub struct Worker {
+    pub group: usize,
+    pub slot: usize,
+    pub pid: u32,
+    pub version: Arc<Version>,
+    pub state: WorkerState,
+    pub role: Role,
+    pub spawned_at: Instant,
+    pub ready_at: Option<Instant>,
+    handler_version: Option<String>,
+    /// Set once a start failure has been dealt with, so the exit that
+    /// follows is not dealt with again.
+    failed: bool,
+    to_worker: mpsc::UnboundedSender<ToWorker>,
+    pub counters: SharedCounters,
+}
+
+/// Where the master is in its life.
+enum Phase {
+    /// Waiting for the first workers; the sender reports the outcome.
+    Starting(Option<OwnedFd>),
+    Running,
+    Stopping,
+}
+
+/// The supervisor state; see the module docs.
+pub struct Master {
+    pub groups: Vec<Group>,
+    pub workers: BTreeMap<WorkerId, Worker>,
+    pub store: HandlerStore,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub reload: Option<ReloadRun>,
+    pub queued_reload: Option<QueuedReload>,
+    /// `host stop` callers; their connections close when the master exits.
+    stop_waiters: Vec<mpsc::UnboundedSender<ControlReply>>,
+    next_id: u64,
+    phase: Phase,
+    started: Instant,
+    restarts: u64,
+}
+
+impl Master {
+    /// Binds every listener and snapshots every handler; starts nothing yet.
+    pub fn new(config: Config, store: HandlerStore, events: mpsc::UnboundedSender<Event>) -> Result<Master> {
+        let mut groups = Vec::new();
+        for group in config.groups {
+            let listener = bind(group.listen).with_context(|| format!("group {}: cannot listen on {}", group.name, group.listen))?;
+            let addr = listener.local_addr()?;
+            let version = store
+                .import(&group.handler)
+                .with_context(|| format!("group {}", group.name))?;
+            let slots = (0..group.count)
+                .map(|_| Slot {
+                    current: None,
+                    version: version.clone(),
+                    failures: 0,
+                })
+                .collect();
+            groups.push(Group {
+                config: group,
+                listener,
+                addr,
+                version,
+                slots,
+            });
+        }
+        Ok(Master {
+            groups,
+            workers: BTreeMap::new(),
+            store,
+            events,
+            reload: None,
+            queued_reload: None,
+            stop_waiters: Vec::new(),
+            next_id: 0,
+            phase: Phase::Running,
+            started: Instant::now(),
+            restarts: 0,
+        })
+    }
+
+    /// Starts every worker, then handles events until stopped.
+    pub async fn run(&mut self, mut events: mpsc::UnboundedReceiver<Event>, ready: Option<OwnedFd>) -> Result<()> {
+        self.phase = Phase::Starting(ready);
+        for g in 0..self.groups.len() {
+            for s in 0..self.groups[g].slots.len() {
+                let version = self.groups[g].version.clone();
+                if let Err(e) = self.spawn(g, s, version, Role::Fill) {
+                    self.start_failed(format!("{e:#}"));
+                }
+            }
+        }
+        let mut start_error = None;
+        while let Some(event) = events.recv().await {
+            if let Some(error) = self.handle(event) {
+                start_error.get_or_insert(error);
+            }
+            if matches!(self.phase, Phase::Stopping) && self.workers.is_empty() {
+                break;
+            }
+        }
+        match start_error {
+            Some(error) => Err(anyhow::anyhow!(error)),
+            None => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies one event. Returns the error that ended a failed start.
+    fn handle(&mut self, event: Event) -> Option<String> {
+        match event {
+            Event::Worker(id, FromWorker::Ready { handler_name, handler_version }) => {
+                self.on_ready(id, handler_name, handler_version)
+            }
+            Event::Worker(id, FromWorker::Failed { error }) => return self.on_start_failure(id, error),
+            Event::StartTimeout(id) => {
+                if let Some(worker) = self.workers.get(&id) {
+                    if worker.state == WorkerState::Starting && !worker.failed {
+                        let timeout = self.groups[worker.group].config.start_timeout;
+                        return self.on_start_failure(id, format!("did not report ready within {}", humantime_secs(timeout)));
+                    }
+                }
+            }
+            Event::Exited(id, status) => return self.on_exit(id, status),
+            Event::StopTimeout(id) => self.on_stop_timeout(id),
+            Event::RestartDue { group, slot } => self.on_restart_due(group, slot),
+            Event::Control(request, reply) => self.on_control(request, reply),
+            Event::Signal(action) => self.on_signal(action),
+        }
+        None
+    }
+
+    /// Starts a worker process for a slot.
+    pub fn spawn(&mut self, group: usize, slot: usize, version: Arc<Version>, role: Role) -> Result<WorkerId> {
+        let config = &self.groups[group].config;
+        let label = format!("{}/{}", config.name, slot);
+        let spawned = spawn_worker(&self.groups[group].listener, &label)?;
+        let id = WorkerId(self.next_id);
+        self.next_id += 1;
+        let spec = WorkerSpec {
+            group: config.name.clone(),
+            slot,
+            handler: version.path.clone(),
+            version: version.short().to_owned(),
+            settings: config.settings_as_text(),
+            dispatch: config.dispatch,
+            pool_threads: config.pool_threads,
+            lame_duck_ms: config.lame_duck.as_millis() as u64,
+            // The worker gives up a little after the master would kill it,
+            // so a stuck drain is reported by the master, with its counts.
+            stop_timeout_ms: (config.stop_timeout + Duration::from_millis(500)).as_millis() as u64,
+            max_body_bytes: config.max_body_bytes,
+            max_header_bytes: config.max_header_bytes,
+        };
+        let (to_worker, outbox) = mpsc::unbounded_channel();
+        let _ = to_worker.send(ToWorker::Start(Box::new(spec)));
+        self.watch_worker(id, spawned.child, spawned.channel, outbox);
+        let start_timeout = config.start_timeout;
+        self.after(start_timeout, Event::StartTimeout(id));
+        tracing::debug!(worker = %label, pid = spawned.pid, version = version.short(), "worker spawned");
+        self.workers.insert(
+            id,
+            Worker {
+                group,
+                slot,
+                pid: spawned.pid,
+                version,
+                state: WorkerState::Starting,
+                role,
+                spawned_at: Instant::now(),
+                ready_at: None,
+                handler_version: None,
+                failed: false,
+                to_worker,
+                counters: spawned.counters,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Tasks that turn a worker's exit and messages into events.
+    fn watch_worker(
+        &self,
+        id: WorkerId,
+        mut child: tokio::process::Child,
+        channel: tokio::net::UnixStream,
+        mut outbox: mpsc::UnboundedReceiver<ToWorker>,
+    ) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            if let Ok(status) = status {
+                let _ = events.send(Event::Exited(id, status));
+            }
+        });
+        let (reader, mut writer) = channel.into_split();
+        tokio::spawn(async move {
+            while let Some(message) = outbox.recv().await {
+                if write_line(&mut writer, &message).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(reader);
+            while let Ok(Some(message)) = read_line::<_, FromWorker>(&mut reader).await {
+                if events.send(Event::Worker(id, message)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Sends `event` to the master after `delay`.
+    pub fn after(&self, delay: Duration, event: Event) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(event);
+        });
+    }
+
+    /// The `group/slot` label of a worker, for logs and messages.
+    pub fn label(&self, group: usize, slot: usize) -> String {
+        format!("{}/{}", self.groups[group].config.name, slot)
+    }
+
+    fn on_ready(&mut self, id: WorkerId, handler_name: String, handler_version: String) {
+        let Some(worker) = self.workers.get_mut(&id) else { return };
+        if worker.state != WorkerState::Starting || worker.failed {
+            return;
+        }
+        worker.state = WorkerState::Ready;
+        worker.ready_at = Some(Instant::now());
+        worker.handler_version = Some(handler_version.clone());
+        let (group, slot, role, pid) = (worker.group, worker.slot, worker.role, worker.pid);
+        let version = worker.version.clone();
+        tracing::info!(
+            worker = %self.label(group, slot),
+            pid,
+            version = version.short(),
+            handler = %format!("{handler_name} {handler_version}"),
+            "worker ready"
+        );
+        match role {
+            Role::Fill => {
+                let slot_state = &mut self.groups[group].slots[slot];
+                slot_state.current = Some(id);
+                slot_state.version = version;
+                self.check_started();
+            }
+            Role::Replacement => self.reload_replacement_ready(id),
+        }
+    }
+
+    /// Deals with a worker that could not start.
+    fn on_start_failure(&mut self, id: WorkerId, error: String) -> Option<String> {
+        let worker = self.workers.get_mut(&id)?;
+        if worker.failed {
+            return None;
+        }
+        worker.failed = true;
+        let (group, slot, role, pid) = (worker.group, worker.slot, worker.role, worker.pid);
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let label = self.label(group, slot);
+        tracing::error!(worker = %label, pid, "worker failed to start: {error}");
+        match role {
+            Role::Replacement => {
+                self.reload_replacement_failed(id, format!("worker {label} failed to start: {error}"));
+                None
+            }
+            Role::Fill if matches!(self.phase, Phase::Starting(_)) => {
+                let error = format!("worker {label} failed to start: {error}");
+                self.start_failed(error.clone());
+                Some(error)
+            }
+            Role::Fill => {
+                self.schedule_restart(group, slot, true);
+                None
+            }
+        }
+    }
+
+    fn on_exit(&mut self, id: WorkerId, status: ExitStatus) -> Option<String> {
+        let worker = self.workers.get(&id)?;
+        let (group, slot, state, failed) = (worker.group, worker.slot, worker.state, worker.failed);
+        let label = self.label(group, slot);
+        let how = describe_exit(status);
+        let mut start_error = None;
+        match state {
+            WorkerState::Starting if !failed => {
+                start_error = self.on_start_failure(id, format!("exited during start ({how})"));
+            }
+            WorkerState::Starting => {}
+            WorkerState::Draining => tracing::info!(worker = %label, pid = worker.pid, "worker retired ({how})"),
+            WorkerState::Ready => {
+                let lived = worker.ready_at.map_or(Duration::ZERO, |t| t.elapsed());
+                tracing::warn!(worker = %label, pid = worker.pid, "worker exited unexpectedly ({how})");
+                if self.groups[group].slots[slot].current == Some(id) {
+                    self.groups[group].slots[slot].current = None;
+                    self.restarts += 1;
+                    self.schedule_restart(group, slot, lived < Duration::from_secs(5));
+                }
+            }
+        }
+        self.workers.remove(&id);
+        self.reload_worker_gone(id);
+        start_error
+    }
+
+    fn on_stop_timeout(&mut self, id: WorkerId) {
+        let Some(worker) = self.workers.get(&id) else { return };
+        if worker.state != WorkerState::Draining {
+            return;
+        }
+        let in_flight = WorkerCounters::get(&worker.counters.in_flight);
+        tracing::warn!(
+            worker = %self.label(worker.group, worker.slot),
+            pid = worker.pid,
+            in_flight,
+            "worker did not finish within its stop timeout; killed"
+        );
+        let _ = kill(Pid::from_raw(worker.pid as i32), Signal::SIGKILL);
+        self.reload_worker_killed(id, in_flight);
+    }
+
+    fn schedule_restart(&mut self, group: usize, slot: usize, quick_death: bool) {
+        if matches!(self.phase, Phase::Stopping) {
+            return;
+        }
+        let state = &mut self.groups[group].slots[slot];
+        state.failures = if quick_death { state.failures + 1 } else { 0 };
+        let delay = match state.failures {
+            0 => Duration::ZERO,
+            n => Duration::from_millis(100u64 << n.min(7)).min(Duration::from_secs(10)),
+        };
+        if !delay.is_zero() {
+            tracing::info!(worker = %self.label(group, slot), "restarting in {} ms", delay.as_millis());
+        }
+        self.after(delay, Event::RestartDue { group, slot });
+    }
+
+    fn on_restart_due(&mut self, group: usize, slot: usize) {
+        if matches!(self.phase, Phase::Stopping) || self.groups[group].slots[slot].current.is_some() {
+            return;
+        }
+        // A reload replacement already on its way will fill the slot.
+        let pending = self
+            .workers
+            .values()
+            .any(|w| w.group == group && w.slot == slot && w.state == WorkerState::Starting && !w.failed);
+        if pending {
+            return;
+        }
+        let version = self.groups[group].slots[slot].version.clone();
+        if let Err(e) = self.spawn(group, slot, version, Role::Fill) {
+            tracing::error!(worker = %self.label(group, slot), "cannot restart worker: {e:#}");
+            self.schedule_restart(group, slot, true);
+        }
+    }
+
+    /// Tells a worker to drain, and bounds how long it may take.
+    pub fn retire(&mut self, id: WorkerId) {
+        let Some(worker) = self.workers.get_mut(&id) else { return };
+        if worker.state == WorkerState::Draining {
+            return;
+        }
+        worker.state = WorkerState::Draining;
+        let _ = worker.to_worker.send(ToWorker::Drain);
+        let stop_timeout = self.groups[worker.group].config.stop_timeout;
+        self.after(stop_timeout, Event::StopTimeout(id));
+    }
+
+    /// Sends a message to a worker.
+    pub fn tell(&self, id: WorkerId, message: ToWorker) {
+        if let Some(worker) = self.workers.get(&id) {
+            let _ = worker.to_worker.send(message);
+        }
+    }
+
+    fn check_started(&mut self) {
+        if !matches!(self.phase, Phase::Starting(_)) {
+            return;
+        }
+        let all_ready = self.groups.iter().all(|g| g.slots.iter().all(|s| s.current.is_some()));
+        if !all_ready {
+            return;
+        }
+        let summary = self
+            .groups
+            .iter()
+            .map(|g| format!("{} on {} ({} workers, version {})", g.config.name, g.addr, g.slots.len(), g.version.short()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::info!("serving {summary}");
+        if let Phase::Starting(ready) = std::mem::replace(&mut self.phase, Phase::Running) {
+            report_ready(ready, &Ok(summary));
+        }
+    }
+
+    fn start_failed(&mut self, error: String) {
+        if let Phase::Starting(ready) = std::mem::replace(&mut self.phase, Phase::Running) {
+            report_ready(ready, &Err(error));
+        }
+        self.stop(true);
+    }
+
+    /// Stops every worker; the master exits once they are gone.
+    fn stop(&mut self, now: bool) {
+        if matches!(self.phase, Phase::Stopping) && !now {
+            return;
+        }
+        tracing::info!(graceful = !now, "stopping");
+        self.phase = Phase::Stopping;
+        self.reload_abandon("host is stopping");
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            let Some(worker) = self.workers.get(&id) else { continue };
+            match (worker.state, now) {
+                (WorkerState::Starting, _) => {
+                    let _ = kill(Pid::from_raw(worker.pid as i32), Signal::SIGKILL);
+                }
+                (_, true) => {
+                    self.tell(id, ToWorker::Stop);
+                    // A fast stop still bounds a stuck worker.
+                    self.after(Duration::from_secs(2), Event::StopTimeout(id));
+                    if let Some(worker) = self.workers.get_mut(&id) {
+                        worker.state = WorkerState::Draining;
+                    }
+                }
+                (WorkerState::Ready, false) => self.retire(id),
+                (WorkerState::Draining, false) => {}
+            }
+        }
+    }
+
+    fn on_signal(&mut self, action: SignalAction) {
+        match action {
+            SignalAction::GracefulStop => self.stop(false),
+            SignalAction::FastStop => self.stop(true),
+            SignalAction::Reload => {
+                let (reply, mut replies) = mpsc::unbounded_channel();
+                self.request_reload(None, reply);
+                tokio::spawn(async move {
+                    while let Some(reply) = replies.recv().await {
+                        if let ControlReply::Error { message } = reply {
+                            tracing::warn!("reload refused: {message}");
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    fn on_control(&mut self, request: ControlRequest, reply: mpsc::UnboundedSender<ControlReply>) {
+        match request {
+            ControlRequest::Status => {
+                let _ = reply.send(ControlReply::Status(self.status()));
+            }
+            ControlRequest::Stop { now } => {
+                let _ = reply.send(ControlReply::Accepted {
+                    message: if now { "stopping now".into() } else { "stopping gracefully".into() },
+                });
+                self.stop_waiters.push(reply);
+                self.stop(now);
+            }
+            ControlRequest::Reload { group } => {
+                if matches!(self.phase, Phase::Running) {
+                    self.request_reload(group, reply);
+                } else {
+                    let _ = reply.send(ControlReply::Error {
+                        message: "host is starting or stopping; reload refused".into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// What `host status` shows.
+    pub fn status(&self) -> StatusReport {
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| GroupStatus {
+                name: g.config.name.clone(),
+                listen: g.addr.to_string(),
+                count: g.slots.len(),
+                reloadable: g.config.reloadable,
+                version: g.version.short().to_owned(),
+                handler: g.config.handler.display().to_string(),
+                ready: g
+                    .slots
+                    .iter()
+                    .filter_map(|s| s.current)
+                    .filter(|id| self.workers.get(id).is_some_and(|w| w.state == WorkerState::Ready))
+                    .count(),
+            })
+            .collect();
+        let workers = self
+            .workers
+            .values()
+            .map(|w| WorkerStatus {
+                group: self.groups[w.group].config.name.clone(),
+                slot: w.slot,
+                pid: w.pid,
+                state: w.state,
+                version: w.version.short().to_owned(),
+                handler_version: w.handler_version.clone(),
+                uptime_secs: w.spawned_at.elapsed().as_secs_f64(),
+                requests: WorkerCounters::get(&w.counters.requests),
+                in_flight: WorkerCounters::get(&w.counters.in_flight),
+                connections: WorkerCounters::get(&w.counters.connections),
+                rss_bytes: rss_bytes(w.pid),
+            })
+            .collect();
+        StatusReport {
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            restarts: self.restarts,
+            reloading: self.reload.is_some(),
+            rss_bytes: rss_bytes(std::process::id()),
+            groups,
+            workers,
+        }
+    }
+}
+
+/// Binds a listener with a deep accept queue, for all workers to share.
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(1024)?.into_std()?;
+    Ok(listener)
+}
+
+/// How a process ended, in words.
+pub fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => {
+            let name = Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
+            let core = if status.core_dumped() { ", core dumped" } else { "" };
+            format!("killed by {name}{core}")
+        }
+        _ => "unknown status".to_owned(),
+    }
+}
+
+fn humantime_secs(duration: Duration) -> String {
+    format!("{:.1} s", duration.as_secs_f64())
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else { return 0 };
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64
+}

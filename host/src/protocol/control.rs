@@ -1,0 +1,188 @@
+//! CLI ⇄ master messages on the control socket.
+//!
+//! The CLI sends one request; the master answers with one or more replies
+//! and closes the connection. A reload streams `Progress` lines, then one
+//! `Reloaded`.
+
+use serde::{Deserialize, Serialize};
+
+/// CLI → master.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Report workers and versions.
+    Status,
+    /// Stop the master and its workers.
+    Stop {
+        /// Skip the graceful drain.
+        now: bool,
+    },
+    /// Replace the workers of reloadable groups with fresh ones.
+    Reload {
+        /// Only this group; all groups when `None`.
+        group: Option<String>,
+    },
+}
+
+/// Master → CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlReply {
+    /// Answer to `Status`.
+    Status(StatusReport),
+    /// A line of reload progress.
+    Progress(ReloadStep),
+    /// The outcome of a reload.
+    Reloaded(ReloadOutcome),
+    /// A request was taken; more may follow.
+    Accepted {
+        /// What the master is doing.
+        message: String,
+    },
+    /// A request was refused.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// What `host status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Master pid.
+    pub pid: u32,
+    /// Seconds since the master started.
+    pub uptime_secs: f64,
+    /// Workers restarted after an unexpected exit.
+    pub restarts: u64,
+    /// Whether a reload is running.
+    pub reloading: bool,
+    /// Master resident memory.
+    pub rss_bytes: u64,
+    /// Groups.
+    pub groups: Vec<GroupStatus>,
+    /// Workers, starting and draining ones included.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One group in `StatusReport`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// Group name.
+    pub name: String,
+    /// The bound address (the real port when the config says 0).
+    pub listen: String,
+    /// Configured worker count.
+    pub count: usize,
+    /// Whether reload replaces its workers.
+    pub reloadable: bool,
+    /// Short hash of the version its workers should run.
+    pub version: String,
+    /// The handler file the group loads from.
+    pub handler: String,
+    /// Workers of this group that are ready.
+    pub ready: usize,
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Loading its handler.
+    Starting,
+    /// Accepting and serving.
+    Ready,
+    /// Not accepting; finishing its connections.
+    Draining,
+}
+
+/// One worker in `StatusReport`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Group name.
+    pub group: String,
+    /// Slot within the group.
+    pub slot: usize,
+    /// Process id.
+    pub pid: u32,
+    /// Lifecycle state.
+    pub state: WorkerState,
+    /// Short hash of the loaded handler.
+    pub version: String,
+    /// Version string the handler reports, once ready.
+    pub handler_version: Option<String>,
+    /// Seconds since the worker was started.
+    pub uptime_secs: f64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests being answered now.
+    pub in_flight: u64,
+    /// Open connections.
+    pub connections: u64,
+    /// Resident memory.
+    pub rss_bytes: u64,
+}
+
+/// One replaced worker during a reload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadStep {
+    /// Group name.
+    pub group: String,
+    /// Slot within the group.
+    pub slot: usize,
+    /// The retired worker, if the slot had one.
+    pub old_pid: Option<u32>,
+    /// Its version.
+    pub old_version: Option<String>,
+    /// The replacement.
+    pub new_pid: u32,
+    /// Its version.
+    pub new_version: String,
+    /// From the replacement's spawn to its ready report.
+    pub start_ms: u64,
+    /// Whether this step puts back the previous version after a failure.
+    pub rollback: bool,
+}
+
+/// A worker killed because it did not finish within its stop timeout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KilledWorker {
+    /// Group name.
+    pub group: String,
+    /// Slot within the group.
+    pub slot: usize,
+    /// Process id.
+    pub pid: u32,
+    /// Requests it was still answering.
+    pub in_flight: u64,
+}
+
+/// The version change of one group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupChange {
+    /// Group name.
+    pub group: String,
+    /// Short hash before.
+    pub from: String,
+    /// Short hash after (the same as `from` when the reload failed).
+    pub to: String,
+}
+
+/// The result of a reload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// Whether every targeted worker now runs the new version.
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// Version per reloaded group.
+    pub groups: Vec<GroupChange>,
+    /// Groups that are not reloadable and were only notified.
+    pub notified: Vec<String>,
+    /// From the request to every replacement ready.
+    pub ready_ms: u64,
+    /// From the request to every retired worker gone.
+    pub done_ms: u64,
+    /// Retired workers that had to be killed.
+    pub killed: Vec<KilledWorker>,
+}

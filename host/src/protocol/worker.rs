@@ -1,0 +1,70 @@
+//! Master ⇄ worker messages.
+//!
+//! The master sends `Start` first, then commands; the worker answers `Ready`
+//! or `Failed` once, after trying to load and start its handler. End of
+//! stream on either side means the other process is gone.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Dispatch;
+
+/// Everything a worker needs to know to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// Group name.
+    pub group: String,
+    /// Slot within the group.
+    pub slot: usize,
+    /// Store path of the handler to load.
+    pub handler: PathBuf,
+    /// Short version hash, for logs.
+    pub version: String,
+    /// Handler settings from the config.
+    pub settings: Vec<(String, String)>,
+    /// Where handler calls run.
+    pub dispatch: Dispatch,
+    /// Pool size for `Dispatch::Pool`.
+    pub pool_threads: usize,
+    /// Idle keep-alive connections stay open this long after drain begins.
+    pub lame_duck_ms: u64,
+    /// Drain gives up on remaining connections after this long.
+    pub stop_timeout_ms: u64,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// Request head limit.
+    pub max_header_bytes: usize,
+}
+
+/// Master → worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// Load the handler and start serving.
+    Start(Box<WorkerSpec>),
+    /// Stop accepting, finish what is in flight, exit.
+    Drain,
+    /// Exit now.
+    Stop,
+    /// A reload happened; this worker is not reloadable.
+    ReloadNotify,
+}
+
+/// Worker → master.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// The handler is started and the worker accepts connections.
+    Ready {
+        /// The name the handler reports.
+        handler_name: String,
+        /// The version the handler reports.
+        handler_version: String,
+    },
+    /// The worker could not start; it exits right after.
+    Failed {
+        /// What went wrong, for the person who asked for the start.
+        error: String,
+    },
+}

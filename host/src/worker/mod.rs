@@ -1,0 +1,209 @@
+//! A worker process: load the handler, start it, serve, drain, exit.
+//!
+//! The master starts workers as `/proc/self/exe worker` with three inherited
+//! descriptors (the systemd convention puts the listener first):
+//! - fd 3: the group's listening socket, shared by every worker of the group;
+//! - fd 4: the channel to the master (JSON lines, see `protocol::worker`);
+//! - fd 5: the shared-memory counters.
+//!
+//! Start order: load handler → handler start callback → accept → report
+//! `ready`. Any failure before `ready` is reported to the master as text and
+//! the worker exits non-zero. The worker leaves when the master says so,
+//! when its channel closes (the master is gone) or on SIGTERM.
+
+mod loader;
+mod server;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use abi_stable::std_types::{RResult, RStr};
+use anyhow::{bail, Context as _, Result};
+use handler_api::{HandlerModuleRef, Level, Setting, StartContext};
+use tokio::io::BufReader;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::counters::SharedCounters;
+use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
+use crate::protocol::{read_line, write_line};
+use server::{Server, ServerOptions};
+
+const LISTENER_FD: i32 = 3;
+const CHANNEL_FD: i32 = 4;
+const COUNTERS_FD: i32 = 5;
+
+/// Who this worker is, for lines the handler logs through the host.
+static IDENTITY: OnceLock<(String, usize, String)> = OnceLock::new();
+
+/// Runs the hidden `worker` subcommand.
+pub fn run() -> ExitCode {
+    if std::env::var_os("LISTEN_FDS").is_none() {
+        eprintln!("host: `host worker` is started by the host master, not by hand");
+        return ExitCode::from(2);
+    }
+    // SAFETY: the master mapped these descriptors for this process only.
+    let (listener, channel, counters) = unsafe {
+        (
+            OwnedFd::from_raw_fd(LISTENER_FD),
+            OwnedFd::from_raw_fd(CHANNEL_FD),
+            OwnedFd::from_raw_fd(COUNTERS_FD),
+        )
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("host worker: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(listener, channel, counters)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result<()> {
+    let channel = std::os::unix::net::UnixStream::from(channel);
+    channel.set_nonblocking(true)?;
+    let (reader, mut writer) = tokio::net::UnixStream::from_std(channel)?.into_split();
+    let mut reader = BufReader::new(reader);
+    let spec = match read_line(&mut reader).await? {
+        Some(ToWorker::Start(spec)) => *spec,
+        Some(other) => bail!("expected a start message from the master, got {other:?}"),
+        None => bail!("the master closed the channel before starting this worker"),
+    };
+    let _span = tracing::info_span!("worker", group = %spec.group, slot = spec.slot, version = %spec.version).entered();
+    let _ = IDENTITY.set((spec.group.clone(), spec.slot, spec.version.clone()));
+
+    let started = start(&spec, listener, counters);
+    let (server, listener, info) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            let error = format!("{error:#}");
+            write_line(&mut writer, &FromWorker::Failed { error: error.clone() }).await?;
+            bail!("{error}");
+        }
+    };
+    tokio::spawn(server.clone().accept_loop(listener));
+    write_line(
+        &mut writer,
+        &FromWorker::Ready {
+            handler_name: info.name.to_string(),
+            handler_version: info.version.to_string(),
+        },
+    )
+    .await?;
+    tracing::debug!("ready");
+    run_until_told(&spec, &server, &mut reader).await
+}
+
+/// Loads and starts the handler, and readies the listener.
+fn start(
+    spec: &WorkerSpec,
+    listener: OwnedFd,
+    counters: OwnedFd,
+) -> Result<(std::sync::Arc<Server>, tokio::net::TcpListener, handler_api::HandlerInfo)> {
+    let counters = SharedCounters::open(counters)?;
+    let handler = loader::load(&spec.handler).map_err(anyhow::Error::msg)?;
+    let info = (handler.info())();
+    call_start(handler, spec)?;
+    let listener = std::net::TcpListener::from(listener);
+    // O_NONBLOCK is shared by every process holding the socket; all of them
+    // want it set.
+    listener.set_nonblocking(true).context("cannot set the listener non-blocking")?;
+    let listener = tokio::net::TcpListener::from_std(listener).context("cannot use the inherited listener")?;
+    let server = Server::new(
+        handler,
+        counters,
+        ServerOptions {
+            dispatch: spec.dispatch,
+            max_body_bytes: spec.max_body_bytes,
+            max_header_bytes: spec.max_header_bytes,
+        },
+    );
+    Ok((server, listener, info))
+}
+
+fn call_start(handler: HandlerModuleRef, spec: &WorkerSpec) -> Result<()> {
+    let settings: Vec<Setting<'_>> = spec
+        .settings
+        .iter()
+        .map(|(key, value)| Setting {
+            key: key.as_str().into(),
+            value: value.as_str().into(),
+        })
+        .collect();
+    let ctx = StartContext {
+        group: spec.group.as_str().into(),
+        slot: spec.slot as u32,
+        pid: std::process::id(),
+        settings: settings.as_slice().into(),
+        log: handler_log,
+    };
+    match (handler.start())(&ctx) {
+        RResult::ROk(()) => Ok(()),
+        RResult::RErr(message) => bail!("the handler's start failed: {message}"),
+    }
+}
+
+/// The logging callback handed to the handler.
+extern "C" fn handler_log(level: Level, message: RStr<'_>) {
+    let (group, slot, version) = IDENTITY.get().map_or(("?", 0, "?"), |(g, s, v)| (g.as_str(), *s, v.as_str()));
+    let message = message.as_str();
+    match level {
+        Level::Error => tracing::error!(target: "handler", group, slot, version, "{message}"),
+        Level::Warn => tracing::warn!(target: "handler", group, slot, version, "{message}"),
+        Level::Info => tracing::info!(target: "handler", group, slot, version, "{message}"),
+        Level::Debug => tracing::debug!(target: "handler", group, slot, version, "{message}"),
+    }
+}
+
+/// Serves until the master asks for a drain or a stop, or goes away.
+async fn run_until_told(
+    spec: &WorkerSpec,
+    server: &Server,
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let lame_duck = Duration::from_millis(spec.lame_duck_ms);
+    let stop_timeout = Duration::from_millis(spec.stop_timeout_ms);
+    loop {
+        let message = tokio::select! {
+            message = read_line::<_, ToWorker>(reader) => message,
+            _ = sigterm.recv() => Ok(Some(ToWorker::Drain)),
+        };
+        match message {
+            Ok(Some(ToWorker::ReloadNotify)) => {
+                (server.handler().reload())();
+            }
+            Ok(Some(ToWorker::Drain)) | Ok(None) => {
+                tracing::debug!("draining");
+                if !server.drain(lame_duck, stop_timeout).await {
+                    tracing::warn!("stop timeout reached with connections still open");
+                }
+                break;
+            }
+            Ok(Some(ToWorker::Stop)) => {
+                server.stop_now();
+                break;
+            }
+            Ok(Some(ToWorker::Start(_))) => tracing::warn!("ignoring a second start message"),
+            Err(e) => {
+                tracing::warn!(error = %e, "bad message from the master; draining");
+                server.drain(lame_duck, stop_timeout).await;
+                break;
+            }
+        }
+    }
+    (server.handler().stop())();
+    Ok(())
+}
