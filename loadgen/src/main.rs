@@ -4,6 +4,7 @@
 //! failures: scripts read the counts from the JSON.
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -50,8 +51,18 @@ fn parse_secs(s: &str) -> Result<f64, String> {
     Ok(secs)
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Validates the arguments, runs the load and prints the report.
+fn run(args: Args) -> anyhow::Result<()> {
     if !args.addr.ip().is_loopback() {
         bail!(
             "loadgen only targets loopback addresses (got {})",

@@ -210,6 +210,7 @@ impl Master {
             group: config.name.clone(),
             slot,
             handler: version.path.clone(),
+            source: version.source.clone(),
             version: version.short().to_owned(),
             settings: config.settings_as_text(),
             dispatch: config.dispatch,
@@ -359,7 +360,8 @@ impl Master {
         let mut start_error = None;
         match state {
             WorkerState::Starting if !failed => {
-                start_error = self.on_start_failure(id, format!("exited during start ({how})"));
+                let what = if status.code().is_some() { "exited" } else { "crashed" };
+                start_error = self.on_start_failure(id, format!("{what} during start ({how})"));
             }
             WorkerState::Starting => {}
             WorkerState::Draining => tracing::info!(worker = %label, pid = worker.pid, "worker retired ({how})"),

@@ -19,6 +19,8 @@ pub struct WorkerSpec {
     pub slot: usize,
     /// Store path of the handler to load.
     pub handler: PathBuf,
+    /// The file the handler was snapshotted from, for messages.
+    pub source: PathBuf,
     /// Short version hash, for logs.
     pub version: String,
     /// Handler settings from the config.

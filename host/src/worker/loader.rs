@@ -11,16 +11,16 @@ use std::path::Path;
 use abi_stable::library::{LibraryError, RootModule};
 use handler_api::HandlerModuleRef;
 
-/// Loads the handler at `path`; the error is a one-line explanation.
+/// Loads the handler at `path`; the error is a one-line explanation that
+/// calls the library `shown` (its source file, which users know).
 ///
 /// abi_stable caches the root module per process, failures included, so
 /// this must be called at most once per worker process.
-pub fn load(path: &Path) -> Result<HandlerModuleRef, String> {
-    HandlerModuleRef::load_from_file(path).map_err(|e| describe(path, &e))
+pub fn load(path: &Path, shown: &str) -> Result<HandlerModuleRef, String> {
+    HandlerModuleRef::load_from_file(path).map_err(|e| describe(shown, &e))
 }
 
-fn describe(path: &Path, error: &LibraryError) -> String {
-    let shown = path.display();
+fn describe(shown: &str, error: &LibraryError) -> String {
     match error {
         LibraryError::OpenError { err, .. } => {
             format!("cannot load {shown}: {}", open_error_reason(&err.to_string()))
@@ -55,7 +55,7 @@ fn describe(path: &Path, error: &LibraryError) -> String {
         LibraryError::ParseVersionError(e) => format!("{shown}: bad handler-api version string: {e}"),
         LibraryError::Many(errors) => errors
             .iter()
-            .map(|e| describe(path, e))
+            .map(|e| describe(shown, e))
             .collect::<Vec<_>>()
             .join("; "),
     }
@@ -70,39 +70,36 @@ fn open_error_reason(message: &str) -> String {
     }
 }
 
-/// Picks the lines of abi_stable's layout report that say what differs.
+/// Turns abi_stable's layout report into "what differs (expected X, found Y)".
+///
+/// The report ends with blocks of `Error:<what>` / `Expected:` / `<value>` /
+/// `Found:` / `<value>`; everything before them is the two full layouts.
 fn summarize_layout_report(report: &str) -> String {
-    let mut lines = Vec::new();
-    let mut last_context = None;
-    for line in report.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let lower = line.to_ascii_lowercase();
-        if lower.starts_with("error") || lower.contains("mismatch") || lower.contains("different") {
-            lines.push(line.to_owned());
-        } else if lower.starts_with("expected") || lower.starts_with("found") {
-            if let Some(context) = last_context.take() {
-                lines.push(context);
-            }
-            lines.push(line.to_owned());
-        } else if lower.contains("field") || lower.contains("type") {
-            last_context = Some(line.to_owned());
-        }
-        if lines.len() >= 6 {
-            break;
+    let lines: Vec<&str> = report.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let value_after = |from: usize, label: &str| {
+        lines[from..]
+            .iter()
+            .take(8)
+            .position(|l| *l == label)
+            .and_then(|at| lines.get(from + at + 1))
+            .map(|v| v.to_string())
+    };
+    let mut differences: Vec<String> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(what) = line.strip_prefix("Error:") else { continue };
+        let difference = match (value_after(i, "Expected:"), value_after(i, "Found:")) {
+            (Some(expected), Some(found)) => format!("{what} (expected {expected}, found {found})"),
+            _ => what.to_owned(),
+        };
+        if !differences.contains(&difference) {
+            differences.push(difference);
         }
     }
-    if lines.is_empty() {
-        return report.lines().take(3).collect::<Vec<_>>().join(" ");
+    if differences.is_empty() {
+        return "the type layouts differ (run with HOST_LOG=debug for the full report)".to_owned();
     }
-    let mut summary = lines.join(" | ");
-    if summary.len() > 600 {
-        let mut end = 600;
-        while !summary.is_char_boundary(end) {
-            end -= 1;
-        }
-        summary.truncate(end);
-        summary.push('…');
-    }
-    summary
+    differences.truncate(3);
+    differences.join("; ")
 }
 
 #[cfg(test)]
@@ -119,9 +116,20 @@ mod tests {
     }
 
     #[test]
+    fn layout_reports_shrink_to_what_differs() {
+        let report = "Compared <this>:\n    --- Type Layout ---\n    type:HandlerModule\n\nError:mismatched package\nExpected:\n    handler-api\nFound:\n    other-api\n\nError:mismatched package\nExpected:\n    handler-api\nFound:\n    other-api\n";
+        assert_eq!(
+            summarize_layout_report(report),
+            "mismatched package (expected handler-api, found other-api)"
+        );
+    }
+
+    #[test]
     fn missing_files_are_named() {
-        let error = load(Path::new("/nonexistent/handler.so")).unwrap_err();
-        assert!(error.contains("/nonexistent/handler.so"), "{error}");
+        let Err(error) = load(Path::new("/nonexistent/handler.so"), "handler.so") else {
+            panic!("a missing file loaded");
+        };
+        assert!(error.starts_with("cannot load handler.so: "), "{error}");
         assert!(error.contains("No such file"), "{error}");
     }
 }

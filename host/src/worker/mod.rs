@@ -113,7 +113,8 @@ fn start(
     counters: OwnedFd,
 ) -> Result<(std::sync::Arc<Server>, tokio::net::TcpListener, handler_api::HandlerInfo)> {
     let counters = SharedCounters::open(counters)?;
-    let handler = loader::load(&spec.handler).map_err(anyhow::Error::msg)?;
+    let shown = format!("{} (version {})", spec.source.display(), spec.version);
+    let handler = loader::load(&spec.handler, &shown).map_err(anyhow::Error::msg)?;
     let info = (handler.info())();
     call_start(handler, spec)?;
     let listener = std::net::TcpListener::from(listener);
