@@ -11,7 +11,9 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, RunDir};
-use crate::protocol::control::{ControlReply, ControlRequest, ReloadOutcome, ReloadStep, StatusReport};
+use crate::protocol::control::{
+    ControlReply, ControlRequest, ReloadOutcome, ReloadStep, StatusReport,
+};
 
 /// Serves HTTP from a pool of worker processes running a handler library,
 /// and replaces the library under them without dropping a request.
@@ -153,17 +155,16 @@ fn start_daemon(arg: &ConfigArg, config: &Config) -> Result<ExitCode> {
     let child = command.spawn().context("cannot start the master")?;
     drop(command);
     let mut outcome = String::new();
-    ready_reader.read_to_string(&mut outcome).context("cannot read the master's start outcome")?;
+    ready_reader
+        .read_to_string(&mut outcome)
+        .context("cannot read the master's start outcome")?;
     match outcome.trim_end().split_once(' ') {
         Some(("ok", summary)) => {
             println!("host started (pid {}): {summary}", child.id());
             Ok(ExitCode::SUCCESS)
         }
         Some(("error", error)) => bail!("{error}"),
-        _ => bail!(
-            "the master exited during start; see {}",
-            log_path.display()
-        ),
+        _ => bail!("the master exited during start; see {}", log_path.display()),
     }
 }
 
@@ -173,19 +174,28 @@ struct NotRunning(PathBuf);
 
 impl std::fmt::Display for NotRunning {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "host is not running (no master answers on {})", self.0.display())
+        write!(
+            f,
+            "host is not running (no master answers on {})",
+            self.0.display()
+        )
     }
 }
 
 impl std::error::Error for NotRunning {}
 
 /// One request to the master; replies come from the returned iterator.
-fn ask(config: &Config, request: &ControlRequest) -> Result<impl Iterator<Item = Result<ControlReply>>> {
+fn ask(
+    config: &Config,
+    request: &ControlRequest,
+) -> Result<impl Iterator<Item = Result<ControlReply>>> {
     let path = RunDir::of(config).control_socket();
     let mut stream = UnixStream::connect(&path).map_err(|_| NotRunning(path.clone()))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    stream.write_all(&line).context("cannot send to the master")?;
+    stream
+        .write_all(&line)
+        .context("cannot send to the master")?;
     Ok(BufReader::new(stream).lines().map(|line| {
         let line = line.context("lost the connection to the master")?;
         serde_json::from_str(&line).with_context(|| format!("bad reply from the master: {line}"))
@@ -225,7 +235,11 @@ fn print_status(report: &StatusReport) {
         duration(report.uptime_secs),
         report.restarts,
         mib(report.rss_bytes),
-        if report.reloading { "  (reload running)" } else { "" }
+        if report.reloading {
+            "  (reload running)"
+        } else {
+            ""
+        }
     );
     for group in &report.groups {
         println!(
@@ -236,12 +250,26 @@ fn print_status(report: &StatusReport) {
             group.count,
             group.version,
             group.handler,
-            if group.reloadable { "" } else { "  (not reloadable)" }
+            if group.reloadable {
+                ""
+            } else {
+                "  (not reloadable)"
+            }
         );
     }
     println!(
         "{:<12} {:>4} {:>8} {:<9} {:<12} {:<10} {:>8} {:>10} {:>8} {:>6} {:>9}",
-        "GROUP", "SLOT", "PID", "STATE", "VERSION", "HANDLER", "UPTIME", "REQUESTS", "INFLIGHT", "CONNS", "RSS"
+        "GROUP",
+        "SLOT",
+        "PID",
+        "STATE",
+        "VERSION",
+        "HANDLER",
+        "UPTIME",
+        "REQUESTS",
+        "INFLIGHT",
+        "CONNS",
+        "RSS"
     );
     for w in &report.workers {
         println!(

@@ -283,10 +283,12 @@ mod tests {
 
     #[test]
     fn unknown_keys_bad_addresses_and_duplicates_are_refused() {
-        let unknown =
-            parse("[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\ncont = 2\n");
+        let unknown = parse(
+            "[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\ncont = 2\n",
+        );
         assert!(format!("{:#}", unknown.unwrap_err()).contains("unknown field `cont`"));
-        let address = parse("[[group]]\nname = \"web\"\nlisten = \"localhost\"\nhandler = \"h.so\"\n");
+        let address =
+            parse("[[group]]\nname = \"web\"\nlisten = \"localhost\"\nhandler = \"h.so\"\n");
         assert!(format!("{:#}", address.unwrap_err()).contains("invalid socket address"));
         let twice = parse(
             "[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\n[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\n",

@@ -38,8 +38,9 @@ pub struct SharedCounters {
 impl SharedCounters {
     /// Creates zeroed counters; the fd is for the worker.
     pub fn create() -> Result<(SharedCounters, OwnedFd)> {
-        let fd = nix::sys::memfd::memfd_create(c"host-counters", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .context("memfd_create")?;
+        let fd =
+            nix::sys::memfd::memfd_create(c"host-counters", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .context("memfd_create")?;
         let file = std::fs::File::from(fd);
         file.set_len(std::mem::size_of::<WorkerCounters>() as u64)
             .context("cannot size the counters memfd")?;
@@ -54,8 +55,12 @@ impl SharedCounters {
 
     fn map(file: &std::fs::File) -> Result<SharedCounters> {
         // SAFETY: the memfd is only ever accessed through atomics.
-        let map = unsafe { MmapOptions::new().len(std::mem::size_of::<WorkerCounters>()).map_mut(file) }
-            .context("cannot map the counters memfd")?;
+        let map = unsafe {
+            MmapOptions::new()
+                .len(std::mem::size_of::<WorkerCounters>())
+                .map_mut(file)
+        }
+        .context("cannot map the counters memfd")?;
         Ok(SharedCounters { map })
     }
 }

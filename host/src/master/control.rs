@@ -18,8 +18,8 @@ use crate::protocol::{read_line, write_line};
 /// proves no other master uses it).
 pub fn bind(path: &Path) -> Result<UnixListener> {
     let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

@@ -26,7 +26,9 @@ use tokio::sync::mpsc;
 
 use super::store::Version;
 use super::supervisor::{Master, Role, WorkerId};
-use crate::protocol::control::{ControlReply, GroupChange, KilledWorker, ReloadOutcome, ReloadStep};
+use crate::protocol::control::{
+    ControlReply, GroupChange, KilledWorker, ReloadOutcome, ReloadStep,
+};
 use crate::protocol::worker::ToWorker;
 
 type Reply = mpsc::UnboundedSender<ControlReply>;
@@ -179,7 +181,9 @@ impl Master {
     /// Starts the next replacement, or finishes when nothing is left.
     fn reload_advance(&mut self) {
         loop {
-            let Some(run) = self.reload.as_mut() else { return };
+            let Some(run) = self.reload.as_mut() else {
+                return;
+            };
             if run.step.is_some() {
                 return;
             }
@@ -190,8 +194,16 @@ impl Master {
                 }
                 return;
             };
-            let target = run.targets.iter().find(|t| t.group == group).expect("slot of a target group");
-            let version = if run.failure.is_some() { target.from.clone() } else { target.to.clone() };
+            let target = run
+                .targets
+                .iter()
+                .find(|t| t.group == group)
+                .expect("slot of a target group");
+            let version = if run.failure.is_some() {
+                target.from.clone()
+            } else {
+                target.to.clone()
+            };
             let old = self.groups[group].slots[slot].current;
             match self.spawn(group, slot, version, Role::Replacement) {
                 Ok(worker) => {
@@ -206,7 +218,10 @@ impl Master {
                     return;
                 }
                 Err(e) => {
-                    let error = format!("cannot start a worker for {}: {e:#}", self.label(group, slot));
+                    let error = format!(
+                        "cannot start a worker for {}: {e:#}",
+                        self.label(group, slot)
+                    );
                     self.reload_step_failed(group, slot, error);
                 }
             }
@@ -215,8 +230,12 @@ impl Master {
 
     /// The replacement of the current step reported ready.
     pub fn reload_replacement_ready(&mut self, id: WorkerId) {
-        let Some(run) = self.reload.as_mut() else { return };
-        let Some(step) = run.step.take_if(|s| s.worker == id) else { return };
+        let Some(run) = self.reload.as_mut() else {
+            return;
+        };
+        let Some(step) = run.step.take_if(|s| s.worker == id) else {
+            return;
+        };
         let rollback = run.failure.is_some();
         if !rollback {
             run.replaced.push((step.group, step.slot));
@@ -228,7 +247,9 @@ impl Master {
         let old = slot.current.filter(|old| Some(*old) == step.old);
         slot.current = Some(id);
         slot.version = new_version.clone();
-        let old_info = old.and_then(|o| self.workers.get(&o)).map(|w| (w.pid, w.version.short().to_owned()));
+        let old_info = old
+            .and_then(|o| self.workers.get(&o))
+            .map(|w| (w.pid, w.version.short().to_owned()));
         let progress = ReloadStep {
             group: self.groups[step.group].config.name.clone(),
             slot: step.slot,
@@ -255,15 +276,21 @@ impl Master {
 
     /// The replacement of the current step failed to start.
     pub fn reload_replacement_failed(&mut self, id: WorkerId, error: String) {
-        let Some(run) = self.reload.as_mut() else { return };
-        let Some(step) = run.step.take_if(|s| s.worker == id) else { return };
+        let Some(run) = self.reload.as_mut() else {
+            return;
+        };
+        let Some(step) = run.step.take_if(|s| s.worker == id) else {
+            return;
+        };
         self.reload_step_failed(step.group, step.slot, error);
         self.reload_advance();
     }
 
     fn reload_step_failed(&mut self, group: usize, slot: usize, error: String) {
         let label = self.label(group, slot);
-        let Some(run) = self.reload.as_mut() else { return };
+        let Some(run) = self.reload.as_mut() else {
+            return;
+        };
         match &mut run.failure {
             None => {
                 tracing::warn!("reload aborted: {error}; putting back the previous version");
@@ -271,30 +298,45 @@ impl Master {
                 run.todo = run.replaced.drain(..).rev().collect();
             }
             Some(failure) => {
-                failure.push_str(&format!("; putting back the previous version on {label} failed too: {error}"));
+                failure.push_str(&format!(
+                    "; putting back the previous version on {label} failed too: {error}"
+                ));
             }
         }
         // The slot may have lost its old worker meanwhile.
         if self.groups[group].slots[slot].current.is_none() {
-            self.after(std::time::Duration::ZERO, super::Event::RestartDue { group, slot });
+            self.after(
+                std::time::Duration::ZERO,
+                super::Event::RestartDue { group, slot },
+            );
         }
     }
 
     /// A worker process is gone.
     pub fn reload_worker_gone(&mut self, id: WorkerId) {
-        let Some(run) = self.reload.as_mut() else { return };
-        if run.retiring.remove(&id) && run.retiring.is_empty() && run.step.is_none() && run.todo.is_empty() {
+        let Some(run) = self.reload.as_mut() else {
+            return;
+        };
+        if run.retiring.remove(&id)
+            && run.retiring.is_empty()
+            && run.step.is_none()
+            && run.todo.is_empty()
+        {
             self.reload_advance();
         }
     }
 
     /// A retiring worker was killed at its stop timeout.
     pub fn reload_worker_killed(&mut self, id: WorkerId, in_flight: u64) {
-        let Some(run) = self.reload.as_mut() else { return };
+        let Some(run) = self.reload.as_mut() else {
+            return;
+        };
         if !run.retiring.contains(&id) {
             return;
         }
-        let Some(worker) = self.workers.get(&id) else { return };
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
         run.killed.push(KilledWorker {
             group: self.groups[worker.group].config.name.clone(),
             slot: worker.slot,
@@ -314,13 +356,17 @@ impl Master {
         }
         if let Some(queued) = self.queued_reload.take() {
             for waiter in queued.waiters {
-                let _ = waiter.send(ControlReply::Error { message: why.to_owned() });
+                let _ = waiter.send(ControlReply::Error {
+                    message: why.to_owned(),
+                });
             }
         }
     }
 
     fn reload_finish(&mut self) {
-        let Some(run) = self.reload.take() else { return };
+        let Some(run) = self.reload.take() else {
+            return;
+        };
         let ok = run.failure.is_none();
         let mut groups = Vec::new();
         for target in &run.targets {
@@ -339,12 +385,18 @@ impl Master {
             error: run.failure,
             groups,
             notified: run.notified,
-            ready_ms: run.ready_at.map_or(0, |t| t.duration_since(run.started).as_millis() as u64),
+            ready_ms: run
+                .ready_at
+                .map_or(0, |t| t.duration_since(run.started).as_millis() as u64),
             done_ms: run.started.elapsed().as_millis() as u64,
             killed: run.killed,
         };
         match &outcome.error {
-            None => tracing::info!(ready_ms = outcome.ready_ms, done_ms = outcome.done_ms, "reload done"),
+            None => tracing::info!(
+                ready_ms = outcome.ready_ms,
+                done_ms = outcome.done_ms,
+                "reload done"
+            ),
             Some(error) => tracing::warn!(done_ms = outcome.done_ms, "reload failed: {error}"),
         }
         for waiter in run.waiters {

@@ -48,12 +48,15 @@ impl HandlerStore {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("cannot create the handler store {}", dir.display()))?;
-        Ok(HandlerStore { dir: dir.to_owned() })
+        Ok(HandlerStore {
+            dir: dir.to_owned(),
+        })
     }
 
     /// Snapshots `source` into the store and returns its version.
     pub fn import(&self, source: &Path) -> Result<Arc<Version>> {
-        let bytes = fs::read(source).with_context(|| format!("cannot read handler {}", source.display()))?;
+        let bytes = fs::read(source)
+            .with_context(|| format!("cannot read handler {}", source.display()))?;
         check_shared_library(&bytes).with_context(|| format!("handler {}", source.display()))?;
         let hash = hex(&Sha256::digest(&bytes));
         let path = self.dir.join(format!("{hash}.so"));
@@ -181,7 +184,8 @@ mod tests {
 
     #[test]
     fn missing_and_empty_files_are_refused() {
-        let dir = std::env::temp_dir().join(format!("host-store-test-empty-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("host-store-test-empty-{}", std::process::id()));
         let store = HandlerStore::open(&dir.join("store")).unwrap();
         let missing = store.import(&dir.join("nope.so")).unwrap_err();
         assert!(format!("{missing:#}").contains("No such file"));

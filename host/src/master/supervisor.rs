@@ -27,7 +27,9 @@ use super::store::{HandlerStore, Version};
 use super::{report_ready, Event, SignalAction};
 use crate::config::{Config, GroupConfig};
 use crate::counters::{SharedCounters, WorkerCounters};
-use crate::protocol::control::{ControlReply, ControlRequest, GroupStatus, StatusReport, WorkerState, WorkerStatus};
+use crate::protocol::control::{
+    ControlReply, ControlRequest, GroupStatus, StatusReport, WorkerState, WorkerStatus,
+};
 use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
 
@@ -108,10 +110,16 @@ pub struct Master {
 
 impl Master {
     /// Binds every listener and snapshots every handler; starts nothing yet.
-    pub fn new(config: Config, store: HandlerStore, events: mpsc::UnboundedSender<Event>) -> Result<Master> {
+    pub fn new(
+        config: Config,
+        store: HandlerStore,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Master> {
         let mut groups = Vec::new();
         for group in config.groups {
-            let listener = bind(group.listen).with_context(|| format!("group {}: cannot listen on {}", group.name, group.listen))?;
+            let listener = bind(group.listen).with_context(|| {
+                format!("group {}: cannot listen on {}", group.name, group.listen)
+            })?;
             let addr = listener.local_addr()?;
             let version = store
                 .import(&group.handler)
@@ -147,7 +155,11 @@ impl Master {
     }
 
     /// Starts every worker, then handles events until stopped.
-    pub async fn run(&mut self, mut events: mpsc::UnboundedReceiver<Event>, ready: Option<OwnedFd>) -> Result<()> {
+    pub async fn run(
+        &mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        ready: Option<OwnedFd>,
+    ) -> Result<()> {
         self.phase = Phase::Starting(ready);
         for g in 0..self.groups.len() {
             for s in 0..self.groups[g].slots.len() {
@@ -178,15 +190,24 @@ impl Master {
     /// Applies one event. Returns the error that ended a failed start.
     fn handle(&mut self, event: Event) -> Option<String> {
         match event {
-            Event::Worker(id, FromWorker::Ready { handler_name, handler_version }) => {
-                self.on_ready(id, handler_name, handler_version)
+            Event::Worker(
+                id,
+                FromWorker::Ready {
+                    handler_name,
+                    handler_version,
+                },
+            ) => self.on_ready(id, handler_name, handler_version),
+            Event::Worker(id, FromWorker::Failed { error }) => {
+                return self.on_start_failure(id, error)
             }
-            Event::Worker(id, FromWorker::Failed { error }) => return self.on_start_failure(id, error),
             Event::StartTimeout(id) => {
                 if let Some(worker) = self.workers.get(&id) {
                     if worker.state == WorkerState::Starting && !worker.failed {
                         let timeout = self.groups[worker.group].config.start_timeout;
-                        return self.on_start_failure(id, format!("did not report ready within {}", humantime_secs(timeout)));
+                        return self.on_start_failure(
+                            id,
+                            format!("did not report ready within {}", humantime_secs(timeout)),
+                        );
                     }
                 }
             }
@@ -200,7 +221,13 @@ impl Master {
     }
 
     /// Starts a worker process for a slot.
-    pub fn spawn(&mut self, group: usize, slot: usize, version: Arc<Version>, role: Role) -> Result<WorkerId> {
+    pub fn spawn(
+        &mut self,
+        group: usize,
+        slot: usize,
+        version: Arc<Version>,
+        role: Role,
+    ) -> Result<WorkerId> {
         let config = &self.groups[group].config;
         let label = format!("{}/{}", config.name, slot);
         let spawned = spawn_worker(&self.groups[group].listener, &label)?;
@@ -297,7 +324,9 @@ impl Master {
     }
 
     fn on_ready(&mut self, id: WorkerId, handler_name: String, handler_version: String) {
-        let Some(worker) = self.workers.get_mut(&id) else { return };
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
         if worker.state != WorkerState::Starting || worker.failed {
             return;
         }
@@ -337,7 +366,10 @@ impl Master {
         tracing::error!(worker = %label, pid, "worker failed to start: {error}");
         match role {
             Role::Replacement => {
-                self.reload_replacement_failed(id, format!("worker {label} failed to start: {error}"));
+                self.reload_replacement_failed(
+                    id,
+                    format!("worker {label} failed to start: {error}"),
+                );
                 None
             }
             Role::Fill if matches!(self.phase, Phase::Starting(_)) => {
@@ -360,11 +392,17 @@ impl Master {
         let mut start_error = None;
         match state {
             WorkerState::Starting if !failed => {
-                let what = if status.code().is_some() { "exited" } else { "crashed" };
+                let what = if status.code().is_some() {
+                    "exited"
+                } else {
+                    "crashed"
+                };
                 start_error = self.on_start_failure(id, format!("{what} during start ({how})"));
             }
             WorkerState::Starting => {}
-            WorkerState::Draining => tracing::info!(worker = %label, pid = worker.pid, "worker retired ({how})"),
+            WorkerState::Draining => {
+                tracing::info!(worker = %label, pid = worker.pid, "worker retired ({how})")
+            }
             WorkerState::Ready => {
                 let lived = worker.ready_at.map_or(Duration::ZERO, |t| t.elapsed());
                 tracing::warn!(worker = %label, pid = worker.pid, "worker exited unexpectedly ({how})");
@@ -381,7 +419,9 @@ impl Master {
     }
 
     fn on_stop_timeout(&mut self, id: WorkerId) {
-        let Some(worker) = self.workers.get(&id) else { return };
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
         if worker.state != WorkerState::Draining {
             return;
         }
@@ -413,14 +453,14 @@ impl Master {
     }
 
     fn on_restart_due(&mut self, group: usize, slot: usize) {
-        if matches!(self.phase, Phase::Stopping) || self.groups[group].slots[slot].current.is_some() {
+        if matches!(self.phase, Phase::Stopping) || self.groups[group].slots[slot].current.is_some()
+        {
             return;
         }
         // A reload replacement already on its way will fill the slot.
-        let pending = self
-            .workers
-            .values()
-            .any(|w| w.group == group && w.slot == slot && w.state == WorkerState::Starting && !w.failed);
+        let pending = self.workers.values().any(|w| {
+            w.group == group && w.slot == slot && w.state == WorkerState::Starting && !w.failed
+        });
         if pending {
             return;
         }
@@ -433,7 +473,9 @@ impl Master {
 
     /// Tells a worker to drain, and bounds how long it may take.
     pub fn retire(&mut self, id: WorkerId) {
-        let Some(worker) = self.workers.get_mut(&id) else { return };
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
         if worker.state == WorkerState::Draining {
             return;
         }
@@ -454,14 +496,25 @@ impl Master {
         if !matches!(self.phase, Phase::Starting(_)) {
             return;
         }
-        let all_ready = self.groups.iter().all(|g| g.slots.iter().all(|s| s.current.is_some()));
+        let all_ready = self
+            .groups
+            .iter()
+            .all(|g| g.slots.iter().all(|s| s.current.is_some()));
         if !all_ready {
             return;
         }
         let summary = self
             .groups
             .iter()
-            .map(|g| format!("{} on {} ({} workers, version {})", g.config.name, g.addr, g.slots.len(), g.version.short()))
+            .map(|g| {
+                format!(
+                    "{} on {} ({} workers, version {})",
+                    g.config.name,
+                    g.addr,
+                    g.slots.len(),
+                    g.version.short()
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ");
         tracing::info!("serving {summary}");
@@ -487,7 +540,9 @@ impl Master {
         self.reload_abandon("host is stopping");
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
-            let Some(worker) = self.workers.get(&id) else { continue };
+            let Some(worker) = self.workers.get(&id) else {
+                continue;
+            };
             match (worker.state, now) {
                 (WorkerState::Starting, _) => {
                     let _ = kill(Pid::from_raw(worker.pid as i32), Signal::SIGKILL);
@@ -531,7 +586,11 @@ impl Master {
             }
             ControlRequest::Stop { now } => {
                 let _ = reply.send(ControlReply::Accepted {
-                    message: if now { "stopping now".into() } else { "stopping gracefully".into() },
+                    message: if now {
+                        "stopping now".into()
+                    } else {
+                        "stopping gracefully".into()
+                    },
                 });
                 self.stop_waiters.push(reply);
                 self.stop(now);
@@ -564,7 +623,11 @@ impl Master {
                     .slots
                     .iter()
                     .filter_map(|s| s.current)
-                    .filter(|id| self.workers.get(id).is_some_and(|w| w.state == WorkerState::Ready))
+                    .filter(|id| {
+                        self.workers
+                            .get(id)
+                            .is_some_and(|w| w.state == WorkerState::Ready)
+                    })
                     .count(),
             })
             .collect();
@@ -616,8 +679,13 @@ pub fn describe_exit(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(signal)) => {
-            let name = Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
-            let core = if status.core_dumped() { ", core dumped" } else { "" };
+            let name = Signal::try_from(signal)
+                .map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
+            let core = if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            };
             format!("killed by {name}{core}")
         }
         _ => "unknown status".to_owned(),
@@ -630,7 +698,17 @@ fn humantime_secs(duration: Duration) -> String {
 
 /// Resident memory of a process, from /proc.
 fn rss_bytes(pid: u32) -> u64 {
-    let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else { return 0 };
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-    pages * nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64
+    let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages
+        * nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as u64
 }

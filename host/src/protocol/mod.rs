@@ -11,10 +11,16 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 /// Writes one message as a JSON line.
-pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(writer: &mut W, message: &T) -> Result<()> {
+pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(
+    writer: &mut W,
+    message: &T,
+) -> Result<()> {
     let mut line = serde_json::to_vec(message).context("cannot encode message")?;
     line.push(b'\n');
-    writer.write_all(&line).await.context("cannot send message")?;
+    writer
+        .write_all(&line)
+        .await
+        .context("cannot send message")?;
     writer.flush().await.context("cannot send message")
 }
 
@@ -25,9 +31,15 @@ where
     T: DeserializeOwned,
 {
     let mut line = String::new();
-    if reader.read_line(&mut line).await.context("cannot read message")? == 0 {
+    if reader
+        .read_line(&mut line)
+        .await
+        .context("cannot read message")?
+        == 0
+    {
         return Ok(None);
     }
-    let message = serde_json::from_str(&line).with_context(|| format!("malformed message {line:?}"))?;
+    let message =
+        serde_json::from_str(&line).with_context(|| format!("malformed message {line:?}"))?;
     Ok(Some(message))
 }

@@ -75,7 +75,11 @@ fn open_error_reason(message: &str) -> String {
 /// The report ends with blocks of `Error:<what>` / `Expected:` / `<value>` /
 /// `Found:` / `<value>`; everything before them is the two full layouts.
 fn summarize_layout_report(report: &str) -> String {
-    let lines: Vec<&str> = report.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = report
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let value_after = |from: usize, label: &str| {
         lines[from..]
             .iter()
@@ -86,7 +90,9 @@ fn summarize_layout_report(report: &str) -> String {
     };
     let mut differences: Vec<String> = Vec::new();
     for (i, line) in lines.iter().enumerate() {
-        let Some(what) = line.strip_prefix("Error:") else { continue };
+        let Some(what) = line.strip_prefix("Error:") else {
+            continue;
+        };
         let difference = match (value_after(i, "Expected:"), value_after(i, "Found:")) {
             (Some(expected), Some(found)) => format!("{what} (expected {expected}, found {found})"),
             _ => what.to_owned(),

@@ -89,7 +89,13 @@ async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result
         Ok(started) => started,
         Err(error) => {
             let error = format!("{error:#}");
-            write_line(&mut writer, &FromWorker::Failed { error: error.clone() }).await?;
+            write_line(
+                &mut writer,
+                &FromWorker::Failed {
+                    error: error.clone(),
+                },
+            )
+            .await?;
             bail!("{error}");
         }
     };
@@ -111,7 +117,11 @@ fn start(
     spec: &WorkerSpec,
     listener: OwnedFd,
     counters: OwnedFd,
-) -> Result<(std::sync::Arc<Server>, tokio::net::TcpListener, handler_api::HandlerInfo)> {
+) -> Result<(
+    std::sync::Arc<Server>,
+    tokio::net::TcpListener,
+    handler_api::HandlerInfo,
+)> {
     let counters = SharedCounters::open(counters)?;
     let shown = format!("{} (version {})", spec.source.display(), spec.version);
     let handler = loader::load(&spec.handler, &shown).map_err(anyhow::Error::msg)?;
@@ -120,8 +130,11 @@ fn start(
     let listener = std::net::TcpListener::from(listener);
     // O_NONBLOCK is shared by every process holding the socket; all of them
     // want it set.
-    listener.set_nonblocking(true).context("cannot set the listener non-blocking")?;
-    let listener = tokio::net::TcpListener::from_std(listener).context("cannot use the inherited listener")?;
+    listener
+        .set_nonblocking(true)
+        .context("cannot set the listener non-blocking")?;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).context("cannot use the inherited listener")?;
     let server = Server::new(
         handler,
         counters,
@@ -158,7 +171,9 @@ fn call_start(handler: HandlerModuleRef, spec: &WorkerSpec) -> Result<()> {
 
 /// The logging callback handed to the handler.
 extern "C" fn handler_log(level: Level, message: RStr<'_>) {
-    let (group, slot, version) = IDENTITY.get().map_or(("?", 0, "?"), |(g, s, v)| (g.as_str(), *s, v.as_str()));
+    let (group, slot, version) = IDENTITY
+        .get()
+        .map_or(("?", 0, "?"), |(g, s, v)| (g.as_str(), *s, v.as_str()));
     let message = message.as_str();
     match level {
         Level::Error => tracing::error!(target: "handler", group, slot, version, "{message}"),

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use handler_api::{Header, HandlerModuleRef, Request};
+use handler_api::{HandlerModuleRef, Header, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE};
@@ -63,7 +63,11 @@ pub struct ServerOptions {
 
 impl Server {
     /// A server for a started handler.
-    pub fn new(handler: HandlerModuleRef, counters: SharedCounters, options: ServerOptions) -> Arc<Server> {
+    pub fn new(
+        handler: HandlerModuleRef,
+        counters: SharedCounters,
+        options: ServerOptions,
+    ) -> Arc<Server> {
         Arc::new(Server {
             handler,
             counters,
@@ -133,7 +137,11 @@ impl Server {
         self.open_connections.send_modify(|n| *n -= 1);
     }
 
-    async fn respond(self: Arc<Self>, req: hyper::Request<Incoming>, peer: Arc<str>) -> HttpResponse {
+    async fn respond(
+        self: Arc<Self>,
+        req: hyper::Request<Incoming>,
+        peer: Arc<str>,
+    ) -> HttpResponse {
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut response = self.clone().answer(req, peer).await;
         if self.draining.load(Ordering::Relaxed) {
@@ -146,11 +154,18 @@ impl Server {
         response
     }
 
-    async fn answer(self: Arc<Self>, req: hyper::Request<Incoming>, peer: Arc<str>) -> HttpResponse {
+    async fn answer(
+        self: Arc<Self>,
+        req: hyper::Request<Incoming>,
+        peer: Arc<str>,
+    ) -> HttpResponse {
         let (parts, body) = req.into_parts();
         let body = match Limited::new(body, self.max_body_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
                 return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
             }
             Err(_) => return plain(StatusCode::BAD_REQUEST, "cannot read request body\n"),
@@ -161,7 +176,9 @@ impl Server {
                 let handler = self.handler;
                 tokio::task::spawn_blocking(move || call_handler(handler, &parts, &body, &peer))
                     .await
-                    .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "handler call failed\n"))
+                    .unwrap_or_else(|_| {
+                        plain(StatusCode::INTERNAL_SERVER_ERROR, "handler call failed\n")
+                    })
             }
         }
     }
@@ -180,7 +197,9 @@ impl Server {
         };
         let _ = tokio::time::timeout_at(lame_duck_end.min(deadline), all_closed(&mut open)).await;
         self.close_idle.send_replace(true);
-        tokio::time::timeout_at(deadline, all_closed(&mut open)).await.is_ok()
+        tokio::time::timeout_at(deadline, all_closed(&mut open))
+            .await
+            .is_ok()
     }
 
     /// Stops at once: no more accepting, every connection closed.
@@ -208,7 +227,12 @@ fn plain(status: StatusCode, body: &'static str) -> HttpResponse {
 }
 
 /// One call across the ABI: borrow the request, take ownership of the answer.
-fn call_handler(handler: HandlerModuleRef, parts: &hyper::http::request::Parts, body: &Bytes, peer: &str) -> HttpResponse {
+fn call_handler(
+    handler: HandlerModuleRef,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    peer: &str,
+) -> HttpResponse {
     let headers: Vec<Header<'_>> = parts
         .headers
         .iter()
@@ -232,7 +256,10 @@ fn call_handler(handler: HandlerModuleRef, parts: &hyper::http::request::Parts, 
 fn into_http(answer: handler_api::Response) -> HttpResponse {
     let Ok(status) = StatusCode::from_u16(answer.status) else {
         tracing::warn!(status = answer.status, "handler returned an invalid status");
-        return plain(StatusCode::INTERNAL_SERVER_ERROR, "handler returned an invalid status\n");
+        return plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "handler returned an invalid status\n",
+        );
     };
     let mut response = hyper::Response::new(Full::new(Bytes::from_owner(answer.body)));
     *response.status_mut() = status;
@@ -245,7 +272,9 @@ fn into_http(answer: handler_api::Response) -> HttpResponse {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
             }
-            _ => tracing::warn!(header = %header.name, "handler returned an invalid header; dropped"),
+            _ => {
+                tracing::warn!(header = %header.name, "handler returned an invalid header; dropped")
+            }
         }
     }
     response

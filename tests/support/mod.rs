@@ -1,0 +1,440 @@
+//! Shared test harness: builds handler variants, runs the real `host`
+//! binary in a private directory, and talks HTTP to it on 127.0.0.1.
+//!
+//! Every wait is on a condition with a generous deadline; nothing here
+//! asserts on timing.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long any condition may take before a test gives up.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The `host` binary under test.
+pub fn host_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_host"))
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// A handler build the tests need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// sample-handler with `SAMPLE_VERSION=v1`.
+    SampleV1,
+    /// sample-handler with `SAMPLE_VERSION=v2`.
+    SampleV2,
+    /// faulty-handler with `FAULTY_MODE=<mode>`.
+    Faulty(&'static str),
+    /// A library built against an incompatible handler ABI.
+    AbiMismatch,
+}
+
+impl Variant {
+    fn file_name(self) -> String {
+        match self {
+            Variant::SampleV1 => "sample-v1.so".into(),
+            Variant::SampleV2 => "sample-v2.so".into(),
+            Variant::Faulty(mode) => format!("faulty-{mode}.so"),
+            Variant::AbiMismatch => "abi-mismatch.so".into(),
+        }
+    }
+
+    fn build(
+        self,
+    ) -> (
+        &'static str,
+        &'static str,
+        Option<(&'static str, &'static str)>,
+    ) {
+        match self {
+            Variant::SampleV1 => (
+                "sample-handler",
+                "libsample_handler.so",
+                Some(("SAMPLE_VERSION", "v1")),
+            ),
+            Variant::SampleV2 => (
+                "sample-handler",
+                "libsample_handler.so",
+                Some(("SAMPLE_VERSION", "v2")),
+            ),
+            Variant::Faulty(mode) => (
+                "faulty-handler",
+                "libfaulty_handler.so",
+                Some(("FAULTY_MODE", mode)),
+            ),
+            Variant::AbiMismatch => ("abi-mismatch-handler", "libabi_mismatch_handler.so", None),
+        }
+    }
+}
+
+/// The path of a built handler variant; each is built once per test binary,
+/// in its own target directory so tests never fight over cargo's lock with
+/// the outer `cargo test`, and copied out right after its build (under a
+/// file lock, so parallel test binaries never copy each other's build).
+pub fn handler(variant: Variant) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<Variant, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(&variant) {
+        return path.clone();
+    }
+    let target = workspace().join("target").join("test-handlers");
+    std::fs::create_dir_all(target.join("out")).unwrap();
+    let lock = std::fs::File::create(target.join("build.lock")).unwrap();
+    let _lock =
+        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("build lock");
+    let (package, artifact, env) = variant.build();
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo
+        .current_dir(workspace())
+        .args(["build", "--quiet", "-p", package, "--target-dir"])
+        .arg(&target)
+        .env_remove("SAMPLE_VERSION")
+        .env_remove("FAULTY_MODE");
+    if let Some((key, value)) = env {
+        cargo.env(key, value);
+    }
+    let output = cargo.output().expect("run cargo");
+    assert!(
+        output.status.success(),
+        "building {variant:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out = target.join("out").join(variant.file_name());
+    let temp = out.with_extension("tmp");
+    std::fs::copy(target.join("debug").join(artifact), &temp).unwrap();
+    std::fs::rename(&temp, &out).unwrap();
+    built.insert(variant, out.clone());
+    out
+}
+
+/// A private directory for one test, removed at the end.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("host-test-{}-{name}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TestDir { path }
+    }
+
+    /// Writes a file in the directory and returns its path.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.path.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    /// Copies a handler build to `name` in the directory (the file the
+    /// config points at, which a test may later overwrite with another build).
+    pub fn install(&self, variant: Variant, name: &str) -> PathBuf {
+        let path = self.path.join(name);
+        let temp = self.path.join(format!(".{name}.tmp"));
+        std::fs::copy(handler(variant), &temp).unwrap();
+        // Rename like cargo does: a new inode, never a write into a mapped file.
+        std::fs::rename(&temp, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A config with one group `web` of `count` workers on 127.0.0.1:0.
+pub fn one_group_config(handler: &Path, count: usize, extra: &str) -> String {
+    format!(
+        "run_dir = \"run\"\n\n[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ncount = {count}\nhandler = {:?}\n{extra}\n",
+        handler.display().to_string()
+    )
+}
+
+/// Runs `host ARGS -c CONFIG` to completion.
+pub fn host_command(dir: &TestDir, args: &[&str]) -> Output {
+    let mut command = Command::new(host_bin());
+    command.current_dir(&dir.path).args(args);
+    if args.first().is_some_and(|a| *a != "worker") && dir.path.join("host.toml").exists() {
+        command.arg("-c").arg(dir.path.join("host.toml"));
+    }
+    command
+        .env("HOST_TEST_TAG", tag(dir))
+        .output()
+        .expect("run host")
+}
+
+fn tag(dir: &TestDir) -> String {
+    dir.path.display().to_string()
+}
+
+/// Pids of live processes started for this test dir (master and workers
+/// carry its tag in their environment).
+pub fn processes_of(dir: &TestDir) -> Vec<u32> {
+    let needle = format!("HOST_TEST_TAG={}", tag(dir));
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let is_ours = environ
+            .split(|b| *b == 0)
+            .any(|var| var == needle.as_bytes());
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if is_ours && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits until `condition` holds, panicking with `what` after the deadline.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running master in the foreground, killed (with its workers) on drop.
+pub struct Host {
+    pub dir: TestDir,
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Host {
+    /// Writes `config` as host.toml and starts a master; waits until every
+    /// worker is ready.
+    pub fn start(dir: TestDir, config: &str) -> Host {
+        dir.write("host.toml", config);
+        let log = std::fs::File::create(dir.path.join("master.log")).unwrap();
+        let child = Command::new(host_bin())
+            .current_dir(&dir.path)
+            .args(["start", "-c"])
+            .arg(dir.path.join("host.toml"))
+            .env("HOST_TEST_TAG", tag(&dir))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start host");
+        let mut host = Host {
+            dir,
+            child,
+            addr: "127.0.0.1:1".parse().unwrap(),
+        };
+        host.wait_all_ready();
+        host.addr = host.status()["groups"][0]["listen"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        host
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs a CLI command against this host.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        host_command(&self.dir, args)
+    }
+
+    /// `host status --json`, parsed; `Value::Null` if the master does not answer.
+    pub fn try_status(&self) -> Value {
+        let output = self.cli(&["status", "--json"]);
+        if !output.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&output.stdout).unwrap_or(Value::Null)
+    }
+
+    /// `host status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let status = self.try_status();
+        assert!(
+            !status.is_null(),
+            "host status failed; log:\n{}",
+            self.log()
+        );
+        status
+    }
+
+    /// Waits until every group has all its workers ready and nothing else runs.
+    pub fn wait_all_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("host exited ({status}) during start; log:\n{}", self.log());
+            }
+            let status = self.try_status();
+            if !status.is_null() {
+                let groups = status["groups"].as_array().unwrap();
+                let workers = status["workers"].as_array().unwrap();
+                let wanted: u64 = groups.iter().map(|g| g["count"].as_u64().unwrap()).sum();
+                let ready = workers.iter().filter(|w| w["state"] == "ready").count() as u64;
+                if groups.iter().all(|g| g["ready"] == g["count"])
+                    && ready == wanted
+                    && workers.len() as u64 == wanted
+                {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "workers not ready in time; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pids of the workers, in status order.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["pid"].as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    /// The master's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path.join("master.log")).unwrap_or_default()
+    }
+
+    /// Waits for the master process to exit and returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "master did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal to the master.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for pid in processes_of(&self.dir) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a signal to a process.
+pub fn kill(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// A response: status code and body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+pub fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> std::io::Result<Reply> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("malformed response {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("malformed status line {head:?}")))?;
+    Ok(Reply {
+        status,
+        headers: head.to_owned(),
+        body: body.to_owned(),
+    })
+}
+
+/// `GET path`, expecting an answer.
+pub fn get(addr: SocketAddr, path: &str) -> Reply {
+    request(addr, "GET", path, b"").unwrap_or_else(|e| panic!("GET {path} failed: {e}"))
+}
+
+/// Text of a CLI run, stdout and stderr together, for messages.
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
