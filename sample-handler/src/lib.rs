@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use handler_api::{export_handler, Context, Handler, Request, Response};
+use handler_api::{export_handler, Context, Handler, Logger, Request, Response};
 
 const VERSION: &str = match option_env!("SAMPLE_VERSION") {
     Some(v) => v,
@@ -19,6 +19,7 @@ const MAX_SLEEP_MS: u64 = 60_000;
 struct Sample {
     hello: String,
     pid: String,
+    logger: Logger,
 }
 
 impl Handler for Sample {
@@ -31,6 +32,7 @@ impl Handler for Sample {
         Ok(Sample {
             hello: format!("hello from sample-handler {VERSION}"),
             pid: ctx.pid().to_string(),
+            logger: ctx.logger(),
         })
     }
 
@@ -45,6 +47,12 @@ impl Handler for Sample {
                 .with_header("content-type", "application/octet-stream"),
             _ => Response::text(404, "not found"),
         }
+    }
+
+    fn on_reload(&self) {
+        self.logger.info(&format!(
+            "sample-handler {VERSION}: reload notification received"
+        ));
     }
 }
 
