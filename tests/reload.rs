@@ -75,7 +75,7 @@ fn reloads_under_keepalive_load_fail_no_request() {
         let shown = text(&output);
         assert!(shown.contains("reload ok"), "{shown}");
         assert_eq!(
-            shown.matches(" ready in ").count(),
+            shown.matches(" -> pid ").count(),
             4,
             "one line per replaced worker: {shown}"
         );
