@@ -23,6 +23,9 @@ pub struct Config {
     /// Control socket, pid file, log file and handler store live here.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// Reload a group automatically when its handler file is rebuilt.
+    #[serde(default)]
+    pub watch: bool,
     /// The worker groups, each with its own listener and handler.
     #[serde(rename = "group")]
     pub groups: Vec<GroupConfig>,
@@ -52,6 +55,12 @@ pub struct GroupConfig {
     pub count: usize,
     /// The handler library (`.so`) the workers load.
     pub handler: PathBuf,
+    /// If set, the only handler bytes this group may run (hex sha256).
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Load the handler even if other users can write to it or its directory.
+    #[serde(default)]
+    pub allow_writable_handler: bool,
     /// Whether `reload` replaces this group's workers.
     #[serde(default = "default_true")]
     pub reloadable: bool,
@@ -201,6 +210,12 @@ impl Config {
                     group.lame_duck
                 );
             }
+            if let Some(hash) = &mut group.sha256 {
+                *hash = hash.to_ascii_lowercase();
+                if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    bail!("group {}: sha256 must be 64 hex digits", group.name);
+                }
+            }
             group.handler = base.join(&group.handler);
         }
         Ok(self)
@@ -240,6 +255,14 @@ impl RunDir {
     /// The content-addressed handler store.
     pub fn store(&self) -> PathBuf {
         self.root.join("store")
+    }
+    /// Which version each pinned group runs.
+    pub fn pins(&self) -> PathBuf {
+        self.root.join("pins.json")
+    }
+    /// The versions each group ran, oldest first.
+    pub fn history(&self) -> PathBuf {
+        self.root.join("history.json")
     }
 }
 

@@ -22,8 +22,10 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logging();
-    if let cli::Command::Worker = cli.command {
-        return worker::run();
+    match cli.command {
+        cli::Command::Worker => return worker::run(),
+        cli::Command::Inspect { file } => return worker::inspect(&file),
+        _ => {}
     }
     match cli::run(cli.command) {
         Ok(code) => code,
@@ -40,6 +42,7 @@ fn init_logging() {
     let filter = EnvFilter::try_from_env("HOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }

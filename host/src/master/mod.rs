@@ -8,10 +8,12 @@
 //! (and reasoned about) in one place, with no locks.
 
 mod control;
+pub mod pins;
 mod reload;
 mod spawn;
 pub mod store;
 mod supervisor;
+mod watch;
 
 use std::fs;
 use std::io::Write as _;
@@ -51,6 +53,8 @@ pub enum Event {
     Control(ControlRequest, mpsc::UnboundedSender<ControlReply>),
     /// A signal, in Workerman's and systemd's meanings.
     Signal(SignalAction),
+    /// A watched handler file changed (after debouncing).
+    HandlerChanged(usize),
 }
 
 /// What a signal asks for.
@@ -81,7 +85,7 @@ pub fn run(config: Config, ready: Option<OwnedFd>) -> Result<()> {
         .context("cannot start the master's runtime")?;
     let result = runtime.block_on(async {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let mut master = Master::new(config, store, events_tx.clone())?;
+        let mut master = Master::new(config, store, run_dir.clone(), events_tx.clone())?;
         let control = control::bind(&run_dir.control_socket())?;
         tokio::spawn(control::serve(control, events_tx.clone()));
         spawn_signal_listeners(&events_tx)?;

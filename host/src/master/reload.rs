@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::pins;
 use super::store::Version;
 use super::supervisor::{Master, Role, WorkerId};
 use crate::protocol::control::{
@@ -103,6 +104,13 @@ impl Master {
 
     fn start_reload(&mut self, group: Option<String>, waiters: Vec<Reply>) {
         let started = Instant::now();
+        let pins = match pins::load_pins(&self.run_dir) {
+            Ok(pins) => pins,
+            Err(e) => {
+                self.refuse_reload(started, format!("{e:#}"), waiters);
+                return;
+            }
+        };
         let mut targets = Vec::new();
         let mut notified = Vec::new();
         for (index, g) in self.groups.iter().enumerate() {
@@ -113,28 +121,14 @@ impl Master {
                 notified.push(g.config.name.clone());
                 continue;
             }
-            match self.store.import(&g.config.handler) {
+            match pins::chosen_version(&self.store, &pins, &g.config) {
                 Ok(to) => targets.push(Target {
                     group: index,
                     from: g.version.clone(),
                     to,
                 }),
                 Err(e) => {
-                    let error = format!("group {}: {e:#}", g.config.name);
-                    tracing::error!("reload refused: {error}");
-                    let outcome = ReloadOutcome {
-                        ok: false,
-                        error: Some(error),
-                        groups: Vec::new(),
-                        notified: Vec::new(),
-                        ready_ms: 0,
-                        done_ms: started.elapsed().as_millis() as u64,
-                        killed: Vec::new(),
-                    };
-                    for waiter in waiters {
-                        let _ = waiter.send(ControlReply::Reloaded(outcome.clone()));
-                    }
-                    self.start_queued_reload();
+                    self.refuse_reload(started, format!("{e:#}"), waiters);
                     return;
                 }
             }
@@ -176,6 +170,24 @@ impl Master {
             waiters,
         });
         self.reload_advance();
+    }
+
+    /// Answers a reload that cannot even start (no usable handler build).
+    fn refuse_reload(&mut self, started: Instant, error: String, waiters: Vec<Reply>) {
+        tracing::error!("reload refused: {error}");
+        let outcome = ReloadOutcome {
+            ok: false,
+            error: Some(error),
+            groups: Vec::new(),
+            notified: Vec::new(),
+            ready_ms: 0,
+            done_ms: started.elapsed().as_millis() as u64,
+            killed: Vec::new(),
+        };
+        for waiter in waiters {
+            let _ = waiter.send(ControlReply::Reloaded(outcome.clone()));
+        }
+        self.start_queued_reload();
     }
 
     /// Starts the next replacement, or finishes when nothing is left.
@@ -373,6 +385,9 @@ impl Master {
             let group = &mut self.groups[target.group];
             if ok {
                 group.version = target.to.clone();
+                if let Err(e) = pins::record(&self.run_dir, &group.config.name, &target.to.hash) {
+                    tracing::warn!("cannot record version history: {e:#}");
+                }
             }
             groups.push(GroupChange {
                 group: group.config.name.clone(),

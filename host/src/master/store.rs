@@ -1,19 +1,23 @@
 //! The content-addressed handler store.
 //!
 //! Workers never `dlopen` a file under `target/`: copying over a mapped
-//! library crashes every process using it. The master copies each handler
-//! build into `<run dir>/store/<sha256>.so` (temp file, fsync, rename, mode
-//! 0444) and workers load only those paths. A version is the hash of the
-//! bytes, so one reload loads the same bytes in every worker even if the
-//! source file changes meanwhile.
+//! library crashes every process using it. Each handler build is copied into
+//! `<run dir>/store/<sha256>.so` (temp file, fsync, rename, mode 0444) and
+//! workers load only those paths. A version is the hash of the bytes, so one
+//! reload loads the same bytes in every worker even if the source file
+//! changes meanwhile. Beside each library, `<sha256>.json` keeps what people
+//! want to know about it: label, source, size, when it was added, and the
+//! name and version the handler reports once it has run.
 
 use std::fs;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// One handler build in the store.
@@ -30,8 +34,30 @@ pub struct Version {
 impl Version {
     /// The first 12 hex digits, as shown to people.
     pub fn short(&self) -> &str {
-        &self.hash[..12]
+        short(&self.hash)
     }
+}
+
+/// The first 12 hex digits of a hash.
+pub fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+/// What the store knows about a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Hex sha256.
+    pub hash: String,
+    /// A name given at deploy.
+    pub label: Option<String>,
+    /// The file it was copied from.
+    pub source: PathBuf,
+    /// Bytes.
+    pub size: u64,
+    /// Seconds since the epoch when it entered the store.
+    pub added: u64,
+    /// `name version` as the handler reports itself, once it has run.
+    pub handler: Option<String>,
 }
 
 /// The store directory.
@@ -48,27 +74,168 @@ impl HandlerStore {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("cannot create the handler store {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict the handler store {}", dir.display()))?;
         Ok(HandlerStore {
             dir: dir.to_owned(),
         })
     }
 
     /// Snapshots `source` into the store and returns its version.
-    pub fn import(&self, source: &Path) -> Result<Arc<Version>> {
+    ///
+    /// Refused: a file other users could have written (loading it runs
+    /// their code) unless `allow_writable`, and anything that is not a
+    /// complete shared library.
+    pub fn import(
+        &self,
+        source: &Path,
+        label: Option<&str>,
+        allow_writable: bool,
+    ) -> Result<Arc<Version>> {
+        if !allow_writable {
+            check_not_writable_by_others(source)
+                .with_context(|| format!("handler {}", source.display()))?;
+        }
         let bytes = fs::read(source)
             .with_context(|| format!("cannot read handler {}", source.display()))?;
         check_shared_library(&bytes).with_context(|| format!("handler {}", source.display()))?;
-        let hash = hex(&Sha256::digest(&bytes));
-        let path = self.dir.join(format!("{hash}.so"));
+        let hash = hash_bytes(&bytes);
+        let path = self.library(&hash);
         if !path.exists() {
             self.write_atomically(&path, &bytes)
                 .with_context(|| format!("cannot store handler {}", source.display()))?;
         }
+        let mut info = self.info(&hash).unwrap_or_else(|| VersionInfo {
+            hash: hash.clone(),
+            label: None,
+            source: source.to_owned(),
+            size: bytes.len() as u64,
+            added: now(),
+            handler: None,
+        });
+        if let Some(label) = label {
+            info.label = Some(label.to_owned());
+        }
+        self.save_info(&info)?;
         Ok(Arc::new(Version {
             hash,
             path,
             source: source.to_owned(),
         }))
+    }
+
+    /// The stored version with this exact hash.
+    pub fn get(&self, hash: &str) -> Result<Arc<Version>> {
+        let path = self.library(hash);
+        if !path.exists() {
+            bail!(
+                "version {} is not in the store {}",
+                short(hash),
+                self.dir.display()
+            );
+        }
+        let source = self
+            .info(hash)
+            .map(|i| i.source)
+            .unwrap_or_else(|| path.clone());
+        Ok(Arc::new(Version {
+            hash: hash.to_owned(),
+            path,
+            source,
+        }))
+    }
+
+    /// Finds a version by label (the newest with it) or unique hash prefix.
+    pub fn resolve(&self, spec: &str) -> Result<String> {
+        let versions = self.list()?;
+        if let Some(info) = versions
+            .iter()
+            .rev()
+            .find(|v| v.label.as_deref() == Some(spec))
+        {
+            return Ok(info.hash.clone());
+        }
+        let spec = spec.to_ascii_lowercase();
+        let matches: Vec<&VersionInfo> = versions
+            .iter()
+            .filter(|v| v.hash.starts_with(&spec))
+            .collect();
+        match matches.as_slice() {
+            [one] if spec.len() >= 4 => Ok(one.hash.clone()),
+            [_] => bail!("{spec:?} is too short: give at least 4 hex digits or a label"),
+            [] => bail!("no version has the label or hash prefix {spec:?} (see `host versions`)"),
+            many => bail!(
+                "{spec:?} matches {} versions ({}); give more digits",
+                many.len(),
+                many.iter()
+                    .map(|v| short(&v.hash))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Every version, oldest first.
+    pub fn list(&self) -> Result<Vec<VersionInfo>> {
+        let mut versions = Vec::new();
+        for entry in fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot read {}", self.dir.display()))?
+        {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "so") {
+                if let Some(hash) = path.file_stem().and_then(|s| s.to_str()) {
+                    versions.push(self.info(hash).unwrap_or_else(|| VersionInfo {
+                        hash: hash.to_owned(),
+                        label: None,
+                        source: path.clone(),
+                        size: fs::metadata(&path).map_or(0, |m| m.len()),
+                        added: 0,
+                        handler: None,
+                    }));
+                }
+            }
+        }
+        versions.sort_by(|a, b| (a.added, &a.hash).cmp(&(b.added, &b.hash)));
+        Ok(versions)
+    }
+
+    /// Records how the handler describes itself.
+    pub fn record_handler(&self, hash: &str, handler: &str) -> Result<()> {
+        if let Some(mut info) = self.info(hash) {
+            if info.handler.as_deref() != Some(handler) {
+                info.handler = Some(handler.to_owned());
+                self.save_info(&info)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a version (its library and its metadata).
+    pub fn remove(&self, hash: &str) -> Result<()> {
+        fs::remove_file(self.library(hash))
+            .with_context(|| format!("cannot remove version {}", short(hash)))?;
+        let _ = fs::remove_file(self.dir.join(format!("{hash}.json")));
+        Ok(())
+    }
+
+    fn library(&self, hash: &str) -> PathBuf {
+        self.dir.join(format!("{hash}.so"))
+    }
+
+    fn info(&self, hash: &str) -> Option<VersionInfo> {
+        let text = fs::read_to_string(self.dir.join(format!("{hash}.json"))).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save_info(&self, info: &VersionInfo) -> Result<()> {
+        let text = serde_json::to_vec_pretty(info)?;
+        let path = self.dir.join(format!("{}.json", info.hash));
+        let temp = self
+            .dir
+            .join(format!(".meta-{}-{}", std::process::id(), unique()));
+        fs::write(&temp, text)
+            .and_then(|()| fs::rename(&temp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
     fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<()> {
@@ -91,6 +258,50 @@ impl HandlerStore {
         }
         Ok(result?)
     }
+}
+
+/// Hex sha256 of a file's bytes.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hash_bytes(&bytes))
+}
+
+fn hash_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Refuses a handler that another user could have replaced: writable by
+/// others, or by a group that is not ours, or in such a directory (unless
+/// the directory is sticky, like /tmp, where others cannot replace our file).
+fn check_not_writable_by_others(path: &Path) -> Result<()> {
+    let our_gid = nix::unistd::getegid().as_raw();
+    let risky = |meta: &fs::Metadata| {
+        let mode = meta.mode();
+        mode & 0o002 != 0 || (mode & 0o020 != 0 && meta.gid() != our_gid)
+    };
+    let meta =
+        fs::metadata(path).with_context(|| format!("cannot read handler {}", path.display()))?;
+    if risky(&meta) {
+        bail!("is writable by other users; refusing to load it (fix its mode, or set allow_writable_handler = true)");
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir_meta = fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    if risky(&dir_meta) && dir_meta.mode() & 0o1000 == 0 {
+        bail!(
+            "is in {}, which other users can write to; refusing to load it (fix the directory's mode, or set allow_writable_handler = true)",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Refuses what cannot be a complete 64-bit ELF shared library, before a
@@ -129,6 +340,7 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Lower-case hex.
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -167,8 +379,8 @@ mod tests {
         let store = HandlerStore::open(&dir.join("store")).unwrap();
         let source = dir.join("lib.so");
         fs::write(&source, fake_library(b"first build")).unwrap();
-        let first = store.import(&source).unwrap();
-        let again = store.import(&source).unwrap();
+        let first = store.import(&source, None, false).unwrap();
+        let again = store.import(&source, None, false).unwrap();
         assert_eq!(first.hash, again.hash);
         assert_eq!(fs::read(&first.path).unwrap(), fake_library(b"first build"));
         let mode = fs::metadata(&first.path).unwrap().permissions().mode();
@@ -176,7 +388,7 @@ mod tests {
 
         // The store copy is a snapshot: changing the source changes nothing.
         fs::write(&source, fake_library(b"second build")).unwrap();
-        let second = store.import(&source).unwrap();
+        let second = store.import(&source, None, false).unwrap();
         assert_ne!(first.hash, second.hash);
         assert_eq!(fs::read(&first.path).unwrap(), fake_library(b"first build"));
         fs::remove_dir_all(&dir).unwrap();
@@ -187,10 +399,12 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("host-store-test-empty-{}", std::process::id()));
         let store = HandlerStore::open(&dir.join("store")).unwrap();
-        let missing = store.import(&dir.join("nope.so")).unwrap_err();
+        let missing = store.import(&dir.join("nope.so"), None, false).unwrap_err();
         assert!(format!("{missing:#}").contains("No such file"));
         fs::write(dir.join("empty.so"), b"").unwrap();
-        let empty = store.import(&dir.join("empty.so")).unwrap_err();
+        let empty = store
+            .import(&dir.join("empty.so"), None, false)
+            .unwrap_err();
         assert!(format!("{empty:#}").contains("is empty"));
         fs::remove_dir_all(&dir).unwrap();
     }

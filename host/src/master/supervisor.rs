@@ -21,11 +21,12 @@ use nix::unistd::Pid;
 use tokio::io::BufReader;
 use tokio::sync::mpsc;
 
+use super::pins;
 use super::reload::{QueuedReload, ReloadRun};
 use super::spawn::spawn_worker;
 use super::store::{HandlerStore, Version};
 use super::{report_ready, Event, SignalAction};
-use crate::config::{Config, GroupConfig};
+use crate::config::{Config, GroupConfig, RunDir};
 use crate::counters::{SharedCounters, WorkerCounters};
 use crate::protocol::control::{
     ControlReply, ControlRequest, GroupStatus, StatusReport, WorkerState, WorkerStatus,
@@ -97,9 +98,14 @@ pub struct Master {
     pub groups: Vec<Group>,
     pub workers: BTreeMap<WorkerId, Worker>,
     pub store: HandlerStore,
+    pub run_dir: RunDir,
     pub events: mpsc::UnboundedSender<Event>,
     pub reload: Option<ReloadRun>,
     pub queued_reload: Option<QueuedReload>,
+    /// Keeps the handler-file watch alive (watch mode only).
+    _watch: Option<super::watch::HandlerWatch>,
+    /// Versions whose self-description is already in the store.
+    described: std::collections::HashSet<String>,
     /// `host stop` callers; their connections close when the master exits.
     stop_waiters: Vec<mpsc::UnboundedSender<ControlReply>>,
     next_id: u64,
@@ -113,17 +119,17 @@ impl Master {
     pub fn new(
         config: Config,
         store: HandlerStore,
+        run_dir: RunDir,
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<Master> {
+        let pins = pins::load_pins(&run_dir)?;
         let mut groups = Vec::new();
         for group in config.groups {
             let listener = bind(group.listen).with_context(|| {
                 format!("group {}: cannot listen on {}", group.name, group.listen)
             })?;
             let addr = listener.local_addr()?;
-            let version = store
-                .import(&group.handler)
-                .with_context(|| format!("group {}", group.name))?;
+            let version = pins::chosen_version(&store, &pins, &group)?;
             let slots = (0..group.count)
                 .map(|_| Slot {
                     current: None,
@@ -139,10 +145,24 @@ impl Master {
                 slots,
             });
         }
+        let watch = if config.watch {
+            let files = groups
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| g.config.reloadable)
+                .map(|(i, g)| (i, g.config.handler.clone()))
+                .collect();
+            Some(super::watch::HandlerWatch::start(files, events.clone())?)
+        } else {
+            None
+        };
         Ok(Master {
             groups,
             workers: BTreeMap::new(),
             store,
+            run_dir,
+            _watch: watch,
+            described: Default::default(),
             events,
             reload: None,
             queued_reload: None,
@@ -216,6 +236,7 @@ impl Master {
             Event::RestartDue { group, slot } => self.on_restart_due(group, slot),
             Event::Control(request, reply) => self.on_control(request, reply),
             Event::Signal(action) => self.on_signal(action),
+            Event::HandlerChanged(group) => self.on_handler_changed(group),
         }
         None
     }
@@ -335,6 +356,11 @@ impl Master {
         worker.handler_version = Some(handler_version.clone());
         let (group, slot, role, pid) = (worker.group, worker.slot, worker.role, worker.pid);
         let version = worker.version.clone();
+        if self.described.insert(version.hash.clone()) {
+            let _ = self
+                .store
+                .record_handler(&version.hash, &format!("{handler_name} {handler_version}"));
+        }
         tracing::info!(
             worker = %self.label(group, slot),
             pid,
@@ -518,6 +544,11 @@ impl Master {
             .collect::<Vec<_>>()
             .join(", ");
         tracing::info!("serving {summary}");
+        for group in &self.groups {
+            if let Err(e) = pins::record(&self.run_dir, &group.config.name, &group.version.hash) {
+                tracing::warn!("cannot record version history: {e:#}");
+            }
+        }
         if let Phase::Starting(ready) = std::mem::replace(&mut self.phase, Phase::Running) {
             report_ready(ready, &Ok(summary));
         }
@@ -565,18 +596,43 @@ impl Master {
         match action {
             SignalAction::GracefulStop => self.stop(false),
             SignalAction::FastStop => self.stop(true),
-            SignalAction::Reload => {
-                let (reply, mut replies) = mpsc::unbounded_channel();
-                self.request_reload(None, reply);
-                tokio::spawn(async move {
-                    while let Some(reply) = replies.recv().await {
-                        if let ControlReply::Error { message } = reply {
-                            tracing::warn!("reload refused: {message}");
-                        }
-                    }
-                });
-            }
+            SignalAction::Reload => self.reload_in_background(None),
         }
+    }
+
+    /// Starts a reload nobody waits on; its outcome is only logged.
+    fn reload_in_background(&mut self, group: Option<String>) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let (reply, mut replies) = mpsc::unbounded_channel();
+        self.request_reload(group, reply);
+        tokio::spawn(async move {
+            while let Some(reply) = replies.recv().await {
+                if let ControlReply::Error { message } = reply {
+                    tracing::warn!("reload refused: {message}");
+                }
+            }
+        });
+    }
+
+    fn on_handler_changed(&mut self, group: usize) {
+        let name = self.groups[group].config.name.clone();
+        if pins::load_pins(&self.run_dir).is_ok_and(|pins| pins.contains_key(&name)) {
+            tracing::info!(group = %name, "handler file changed, but the group is pinned; not reloading");
+            return;
+        }
+        // The file may be missing for a moment while it is replaced; the
+        // event of its creation follows.
+        let Ok(hash) = super::store::hash_file(&self.groups[group].config.handler) else {
+            return;
+        };
+        if hash == self.groups[group].version.hash && self.reload.is_none() {
+            tracing::debug!(group = %name, "handler file touched but unchanged");
+            return;
+        }
+        tracing::info!(group = %name, "handler file changed; reloading");
+        self.reload_in_background(Some(name));
     }
 
     fn on_control(&mut self, request: ControlRequest, reply: mpsc::UnboundedSender<ControlReply>) {

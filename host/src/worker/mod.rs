@@ -71,6 +71,22 @@ pub fn run() -> ExitCode {
     }
 }
 
+/// Runs the hidden `inspect` subcommand: loads a library the way a worker
+/// does, in a process of its own, and prints `name version` or the error.
+pub fn inspect(path: &std::path::Path) -> ExitCode {
+    match loader::load(path, &path.display().to_string()) {
+        Ok(handler) => {
+            let info = (handler.info())();
+            println!("{} {}", info.name, info.version);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result<()> {
     let channel = std::os::unix::net::UnixStream::from(channel);
     channel.set_nonblocking(true)?;

@@ -1,6 +1,10 @@
 //! The commands people type: `host start`, `stop`, `restart`, `status`,
-//! `reload`. All but `start` talk to the running master over its control
-//! socket and print what it answers.
+//! `reload` here, and the version commands (`deploy`, `versions`, `pin`,
+//! `unpin`, `rollback`, `gc`) in `versions.rs`. Commands that need the
+//! running master talk to it over its control socket and print what it
+//! answers.
+
+mod versions;
 
 use std::io::{BufRead, BufReader, Read as _, Write as _};
 use std::os::unix::net::UnixStream;
@@ -44,6 +48,10 @@ pub enum Command {
         /// <run_dir>/host.log
         #[arg(short, long)]
         daemon: bool,
+        /// Reload a group whenever its handler file is rebuilt (same as
+        /// `watch = true` in the config)
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Stop the master and its workers, draining them gracefully
     Stop {
@@ -74,16 +82,86 @@ pub enum Command {
         /// Only this group
         #[arg(long, value_name = "NAME")]
         group: Option<String>,
+        /// Pin this version (label or hash prefix) first, then reload to it
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
+    },
+    /// Add a handler build to the store (checking that it loads) and print
+    /// its version; works with or without a running master
+    Deploy {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The handler library (.so)
+        file: PathBuf,
+        /// A name to refer to this version by (pin, reload --to)
+        #[arg(long)]
+        label: Option<String>,
+        /// Accept a file that other users can write to
+        #[arg(long)]
+        allow_writable: bool,
+    },
+    /// List the versions in the store: which run now, which is pinned
+    Versions {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a group run this version (label or hash prefix) from its next
+    /// reload or start on, whatever its handler file holds
+    Pin {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Label or unique hash prefix (see `host versions`)
+        version: String,
+        /// The group [default: the only group]
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+    },
+    /// Let a group follow its handler file again
+    Unpin {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The group [default: the only group]
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+    },
+    /// Pin the version that ran before the current one, and reload to it
+    Rollback {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The group [default: the only group]
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+    },
+    /// Remove versions that are neither pinned, nor running, nor recent
+    Gc {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How many of the most recently added versions to keep
+        #[arg(long, default_value_t = 5)]
+        keep: usize,
     },
     /// Internal: a worker process, started by the master
     #[command(hide = true)]
     Worker,
+    /// Internal: load a handler library and print how it describes itself
+    #[command(hide = true)]
+    Inspect {
+        /// The handler library
+        file: PathBuf,
+    },
 }
 
 /// Runs a parsed command (all but `worker`).
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Start { config, daemon } => start(&config, daemon),
+        Command::Start {
+            config,
+            daemon,
+            watch,
+        } => start(&config, daemon, watch),
         Command::Stop { config, now } => stop(&load(&config)?, now),
         Command::Restart { config } => {
             let loaded = load(&config)?;
@@ -92,11 +170,50 @@ pub fn run(command: Command) -> Result<ExitCode> {
                 Err(e) if e.downcast_ref::<NotRunning>().is_some() => {}
                 Err(e) => return Err(e),
             }
-            start(&config, true)
+            start(&config, true, false)
         }
         Command::Status { config, json } => status(&load(&config)?, json),
-        Command::Reload { config, group } => reload(&load(&config)?, group),
-        Command::Worker => unreachable!("handled in main"),
+        Command::Reload { config, group, to } => {
+            let config = load(&config)?;
+            if let Some(to) = to {
+                versions::pin(&config, &to, group.as_deref())?;
+            }
+            reload(&config, group)
+        }
+        Command::Deploy {
+            config,
+            file,
+            label,
+            allow_writable,
+        } => versions::deploy(&load(&config)?, &file, label.as_deref(), allow_writable),
+        Command::Versions { config, json } => versions::list(&load(&config)?, json),
+        Command::Pin {
+            config,
+            version,
+            group,
+        } => {
+            let config = load(&config)?;
+            let (group, hash) = versions::pin(&config, &version, group.as_deref())?;
+            println!(
+                "pinned group {group} to {}; `host reload` switches to it (a stopped host starts with it)",
+                crate::master::store::short(&hash)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unpin { config, group } => versions::unpin(&load(&config)?, group.as_deref()),
+        Command::Rollback { config, group } => {
+            let config = load(&config)?;
+            let group = versions::rollback(&config, group.as_deref())?;
+            match reload(&config, Some(group)) {
+                Err(e) if e.downcast_ref::<NotRunning>().is_some() => {
+                    println!("host is not running: it will start with the rolled-back version");
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => other,
+            }
+        }
+        Command::Gc { config, keep } => versions::gc(&load(&config)?, keep),
+        Command::Worker | Command::Inspect { .. } => unreachable!("handled in main"),
     }
 }
 
@@ -104,8 +221,9 @@ fn load(arg: &ConfigArg) -> Result<Config> {
     Config::load(arg.config.as_deref())
 }
 
-fn start(arg: &ConfigArg, daemon: bool) -> Result<ExitCode> {
-    let config = load(arg)?;
+fn start(arg: &ConfigArg, daemon: bool, watch: bool) -> Result<ExitCode> {
+    let mut config = load(arg)?;
+    config.watch |= watch;
     if daemon {
         return start_daemon(arg, &config);
     }
@@ -137,6 +255,9 @@ fn start_daemon(arg: &ConfigArg, config: &Config) -> Result<ExitCode> {
     command.arg0("host: master").arg("start");
     if let Some(path) = &arg.config {
         command.arg("--config").arg(std::path::absolute(path)?);
+    }
+    if config.watch {
+        command.arg("--watch");
     }
     command
         .env("HOST_READY_FD", "3")
@@ -170,7 +291,7 @@ fn start_daemon(arg: &ConfigArg, config: &Config) -> Result<ExitCode> {
 
 /// The master is not running.
 #[derive(Debug)]
-struct NotRunning(PathBuf);
+pub struct NotRunning(PathBuf);
 
 impl std::fmt::Display for NotRunning {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -212,6 +333,21 @@ fn stop(config: &Config, now: bool) -> Result<ExitCode> {
     }
     println!("host stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The running master's status, or `None` when no master runs.
+pub fn try_status(config: &Config) -> Result<Option<StatusReport>> {
+    let replies = match ask(config, &ControlRequest::Status) {
+        Ok(replies) => replies,
+        Err(e) if e.downcast_ref::<NotRunning>().is_some() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    for reply in replies {
+        if let ControlReply::Status(report) = reply? {
+            return Ok(Some(report));
+        }
+    }
+    bail!("the master sent no status")
 }
 
 fn status(config: &Config, json: bool) -> Result<ExitCode> {
@@ -352,7 +488,8 @@ fn print_outcome(outcome: &ReloadOutcome) -> ExitCode {
     }
 }
 
-fn duration(secs: f64) -> String {
+/// A duration in the largest unit that keeps it short.
+pub fn duration(secs: f64) -> String {
     let secs = secs as u64;
     match secs {
         s if s < 60 => format!("{s}s"),
@@ -361,6 +498,7 @@ fn duration(secs: f64) -> String {
     }
 }
 
-fn mib(bytes: u64) -> String {
+/// Bytes as MiB.
+pub fn mib(bytes: u64) -> String {
     format!("{:.1}M", bytes as f64 / (1024.0 * 1024.0))
 }
