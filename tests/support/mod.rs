@@ -354,6 +354,16 @@ impl Host {
         }
     }
 
+    /// Waits for the master to exit (after `host stop`) and hands back its
+    /// directory, for a test that starts a new master on the same run dir.
+    pub fn into_dir(mut self) -> TestDir {
+        self.wait_exit();
+        let placeholder = TestDir {
+            path: self.dir.path.join("gone"),
+        };
+        std::mem::replace(&mut self.dir, placeholder)
+    }
+
     /// Sends a signal to the master.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).unwrap();

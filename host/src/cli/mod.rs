@@ -114,7 +114,8 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// Label or unique hash prefix (see `host versions`)
-        version: String,
+        #[arg(value_name = "VERSION")]
+        spec: String,
         /// The group [default: the only group]
         #[arg(long, value_name = "NAME")]
         group: Option<String>,
@@ -189,11 +190,11 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Versions { config, json } => versions::list(&load(&config)?, json),
         Command::Pin {
             config,
-            version,
+            spec,
             group,
         } => {
             let config = load(&config)?;
-            let (group, hash) = versions::pin(&config, &version, group.as_deref())?;
+            let (group, hash) = versions::pin(&config, &spec, group.as_deref())?;
             println!(
                 "pinned group {group} to {}; `host reload` switches to it (a stopped host starts with it)",
                 crate::master::store::short(&hash)
@@ -501,4 +502,15 @@ pub fn duration(secs: f64) -> String {
 /// Bytes as MiB.
 pub fn mib(bytes: u64) -> String {
     format!("{:.1}M", bytes as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

@@ -175,6 +175,7 @@ impl Master {
     /// Answers a reload that cannot even start (no usable handler build).
     fn refuse_reload(&mut self, started: Instant, error: String, waiters: Vec<Reply>) {
         tracing::error!("reload refused: {error}");
+        self.reloads_failed += 1;
         let outcome = ReloadOutcome {
             ok: false,
             error: Some(error),
@@ -380,6 +381,11 @@ impl Master {
             return;
         };
         let ok = run.failure.is_none();
+        if ok {
+            self.reloads_ok += 1;
+        } else {
+            self.reloads_failed += 1;
+        }
         let mut groups = Vec::new();
         for target in &run.targets {
             let group = &mut self.groups[target.group];

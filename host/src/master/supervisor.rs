@@ -112,6 +112,9 @@ pub struct Master {
     phase: Phase,
     started: Instant,
     restarts: u64,
+    /// Finished reloads, by result.
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
 }
 
 impl Master {
@@ -171,6 +174,8 @@ impl Master {
             phase: Phase::Running,
             started: Instant::now(),
             restarts: 0,
+            reloads_ok: 0,
+            reloads_failed: 0,
         })
     }
 
@@ -708,6 +713,8 @@ impl Master {
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             restarts: self.restarts,
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
             reloading: self.reload.is_some(),
             rss_bytes: rss_bytes(std::process::id()),
             groups,

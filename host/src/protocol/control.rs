@@ -55,6 +55,10 @@ pub struct StatusReport {
     pub uptime_secs: f64,
     /// Workers restarted after an unexpected exit.
     pub restarts: u64,
+    /// Reloads that ended with every targeted worker on the new version.
+    pub reloads_ok: u64,
+    /// Reloads that were refused or rolled back.
+    pub reloads_failed: u64,
     /// Whether a reload is running.
     pub reloading: bool,
     /// Master resident memory.

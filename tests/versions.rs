@@ -1,0 +1,247 @@
+//! Versions for operators: deploy, pin, reload --to, rollback, gc, the
+//! config's sha256, and refusing handlers other users could have written.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+
+use loadgen::{LoadConfig, LoadRun};
+use serde_json::Value;
+use support::*;
+
+fn cli_ok(host_or_dir: &TestDir, args: &[&str]) -> String {
+    let output = host_command(host_or_dir, args);
+    assert!(output.status.success(), "host {args:?}: {}", text(&output));
+    text(&output)
+}
+
+fn versions(dir: &TestDir) -> Vec<Value> {
+    let output = host_command(dir, &["versions", "--json"]);
+    assert!(output.status.success(), "{}", text(&output));
+    serde_json::from_slice::<Value>(&output.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn version_with_label<'a>(versions: &'a [Value], label: &str) -> &'a Value {
+    versions
+        .iter()
+        .find(|v| v["label"] == label)
+        .unwrap_or_else(|| panic!("no version labelled {label}: {versions:?}"))
+}
+
+/// Every worker is ready and answers with `version`.
+fn assert_all_serve(host: &Host, version: &str) {
+    let status = host.status();
+    for worker in status["workers"].as_array().unwrap() {
+        assert_eq!(worker["state"], "ready", "{status}");
+        assert_eq!(worker["handler_version"], version, "{status}");
+    }
+    for _ in 0..10 {
+        assert_eq!(get(host.addr, "/version").body, version);
+    }
+}
+
+#[test]
+fn deploy_lists_labels_and_what_the_handler_says_it_is() {
+    let dir = TestDir::new("deploy");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    dir.write("host.toml", one_group_config(&handler, 1, ""));
+    let v1 = handler.clone();
+    let v2 = dir.install(Variant::SampleV2, "v2.so");
+    let shown = cli_ok(&dir, &["deploy", v1.to_str().unwrap(), "--label", "first"]);
+    assert!(
+        shown.contains("deployed") && shown.contains("sample-handler v1"),
+        "{shown}"
+    );
+    cli_ok(&dir, &["deploy", v2.to_str().unwrap(), "--label", "second"]);
+    let listed = versions(&dir);
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        version_with_label(&listed, "first")["handler"],
+        "sample-handler v1"
+    );
+    assert_eq!(
+        version_with_label(&listed, "second")["handler"],
+        "sample-handler v2"
+    );
+    let store_file = dir.path.join(format!(
+        "run/store/{}.so",
+        listed[0]["hash"].as_str().unwrap()
+    ));
+    assert_eq!(
+        std::fs::metadata(store_file).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
+}
+
+#[test]
+fn deploy_refuses_a_build_that_would_not_load() {
+    let dir = TestDir::new("deploy-bad");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    dir.write("host.toml", one_group_config(&handler, 1, ""));
+    let bad = dir.install(Variant::AbiMismatch, "bad.so");
+    let output = host_command(&dir, &["deploy", bad.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("incompatible handler-api"),
+        "{}",
+        text(&output)
+    );
+    assert!(
+        versions(&dir).is_empty(),
+        "a refused build stays out of the store"
+    );
+}
+
+#[test]
+fn pin_reload_to_and_rollback_switch_versions_without_failed_requests() {
+    let dir = TestDir::new("pin");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    let v2 = dir.install(Variant::SampleV2, "v2.so");
+    let host = Host::start(dir, &one_group_config(&handler, 2, ""));
+    let mut load_config = LoadConfig::new(host.addr);
+    load_config.connections = 16;
+    load_config.path = "/version".into();
+    load_config.duration = std::time::Duration::from_secs(300);
+    let load = LoadRun::start(load_config);
+    wait_until("load is flowing", || load.progress().0 > 100);
+
+    cli_ok(
+        &host.dir,
+        &["deploy", v2.to_str().unwrap(), "--label", "two"],
+    );
+    let shown = cli_ok(&host.dir, &["reload", "--to", "two"]);
+    assert!(shown.contains("reload ok"), "{shown}");
+    assert_all_serve(&host, "v2");
+    let listed = versions(&host.dir);
+    let two = version_with_label(&listed, "two");
+    assert_eq!(two["pinned"], serde_json::json!(["web"]));
+    assert_eq!(two["running"].as_array().unwrap().len(), 2);
+    assert!(two["hash"]
+        .as_str()
+        .unwrap()
+        .starts_with(host.status()["groups"][0]["version"].as_str().unwrap()));
+
+    let shown = cli_ok(&host.dir, &["rollback"]);
+    assert!(shown.contains("rolling back"), "{shown}");
+    assert_all_serve(&host, "v1");
+
+    // Pin by hash prefix, then a plain reload runs the pinned build even
+    // though the file holds v1.
+    let prefix = &two["hash"].as_str().unwrap()[..8];
+    cli_ok(&host.dir, &["pin", prefix]);
+    cli_ok(&host.dir, &["reload"]);
+    assert_all_serve(&host, "v2");
+    let report = load.stop();
+    assert_eq!(report.failed(), 0, "{report:?}");
+
+    // The pin survives a restart.
+    cli_ok(&host.dir, &["stop"]);
+    let config = std::fs::read_to_string(host.dir.path.join("host.toml")).unwrap();
+    let host = Host::start(host.into_dir(), &config);
+    assert_all_serve(&host, "v2");
+
+    // Unpinned, the group follows its file again.
+    cli_ok(&host.dir, &["unpin"]);
+    cli_ok(&host.dir, &["reload"]);
+    assert_all_serve(&host, "v1");
+}
+
+#[test]
+fn a_config_sha256_refuses_other_bytes_at_start_and_at_reload() {
+    let dir = TestDir::new("sha256");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    let hash = sha256_of(&handler);
+    let host = Host::start(
+        dir,
+        &one_group_config(&handler, 2, &format!("sha256 = \"{hash}\"")),
+    );
+    let pids = host.worker_pids();
+    host.dir.install(Variant::SampleV2, "handler.so");
+    let output = host.cli(&["reload"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("config allows only"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(host.worker_pids(), pids);
+    assert_all_serve(&host, "v1");
+
+    let dir = TestDir::new("sha256-start");
+    let handler = dir.install(Variant::SampleV2, "handler.so");
+    dir.write(
+        "host.toml",
+        one_group_config(&handler, 1, &format!("sha256 = \"{hash}\"")),
+    );
+    let output = host_command(&dir, &["start"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("config allows only"),
+        "{}",
+        text(&output)
+    );
+    wait_until("nothing is left running", || processes_of(&dir).is_empty());
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    let output = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn a_handler_writable_by_others_is_refused_unless_allowed() {
+    let dir = TestDir::new("writable");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o666)).unwrap();
+    dir.write("host.toml", one_group_config(&handler, 1, ""));
+    let output = host_command(&dir, &["start"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("writable by other users"),
+        "{}",
+        text(&output)
+    );
+    wait_until("nothing is left running", || processes_of(&dir).is_empty());
+
+    let host = Host::start(
+        dir,
+        &one_group_config(&handler, 1, "allow_writable_handler = true"),
+    );
+    assert_eq!(get(host.addr, "/version").body, "v1");
+}
+
+#[test]
+fn gc_keeps_pinned_running_and_recent_versions() {
+    let dir = TestDir::new("gc");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    dir.write("host.toml", one_group_config(&handler, 1, ""));
+    let v2 = dir.install(Variant::SampleV2, "v2.so");
+    let faulty = dir.install(Variant::Faulty("none"), "faulty.so");
+    cli_ok(
+        &dir,
+        &["deploy", handler.to_str().unwrap(), "--label", "one"],
+    );
+    cli_ok(&dir, &["deploy", v2.to_str().unwrap(), "--label", "two"]);
+    cli_ok(
+        &dir,
+        &["deploy", faulty.to_str().unwrap(), "--label", "three"],
+    );
+    cli_ok(&dir, &["pin", "one"]);
+    let shown = cli_ok(&dir, &["gc", "--keep", "0"]);
+    assert!(shown.contains("2 version(s) removed"), "{shown}");
+    let left = versions(&dir);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["label"], "one");
+}

@@ -1,0 +1,112 @@
+//! Watch mode: a rebuild of the handler file reloads by itself; a burst of
+//! rebuilds is one reload; a broken build keeps the current version.
+
+mod support;
+
+use loadgen::{LoadConfig, LoadRun};
+use support::*;
+
+fn start_watching(name: &str) -> Host {
+    let dir = TestDir::new(name);
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    let config = format!("watch = true\n{}", one_group_config(&handler, 2, ""));
+    Host::start(dir, &config)
+}
+
+fn load(host: &Host) -> LoadRun {
+    let mut config = LoadConfig::new(host.addr);
+    config.connections = 16;
+    config.path = "/version".into();
+    config.duration = std::time::Duration::from_secs(300);
+    let run = LoadRun::start(config);
+    wait_until("load is flowing", || run.progress().0 > 100);
+    run
+}
+
+fn wait_serving(host: &Host, version: &str) {
+    wait_until(&format!("every worker serves {version}"), || {
+        let status = host.try_status();
+        status["reloading"] == false
+            && status["workers"].as_array().is_some_and(|workers| {
+                workers.len() == 2
+                    && workers
+                        .iter()
+                        .all(|w| w["state"] == "ready" && w["handler_version"] == version)
+            })
+    });
+}
+
+#[test]
+fn a_rebuild_is_picked_up_without_a_failed_request() {
+    let host = start_watching("rebuild");
+    let run = load(&host);
+    host.dir.install(Variant::SampleV2, "handler.so");
+    wait_serving(&host, "v2");
+    assert_eq!(get(host.addr, "/version").body, "v2");
+    let report = run.stop();
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(host.status()["reloads_ok"], 1);
+}
+
+#[test]
+fn a_burst_of_rebuilds_is_one_reload_of_the_last() {
+    let host = start_watching("burst");
+    for variant in [
+        Variant::SampleV2,
+        Variant::SampleV1,
+        Variant::SampleV2,
+        Variant::SampleV1,
+        Variant::SampleV2,
+    ] {
+        host.dir.install(variant, "handler.so");
+    }
+    wait_serving(&host, "v2");
+    let status = host.status();
+    assert_eq!(status["reloads_ok"], 1, "{status}");
+    assert_eq!(status["reloads_failed"], 0, "{status}");
+}
+
+#[test]
+fn a_broken_build_keeps_the_current_version_and_the_next_good_one_reloads() {
+    let host = start_watching("broken");
+    let run = load(&host);
+    let pids = host.worker_pids();
+    host.dir.install(Variant::Faulty("panic"), "handler.so");
+    wait_until("the broken build is refused", || {
+        host.status()["reloads_failed"] == 1
+    });
+    assert_eq!(host.worker_pids(), pids);
+    assert_eq!(get(host.addr, "/version").body, "v1");
+    let line = host
+        .log()
+        .lines()
+        .find(|l| l.contains("reload failed"))
+        .map(str::to_owned)
+        .expect("the failure is logged");
+    assert!(
+        line.contains("on purpose"),
+        "the loader's error is in the line: {line}"
+    );
+
+    host.dir.install(Variant::SampleV2, "handler.so");
+    wait_serving(&host, "v2");
+    let report = run.stop();
+    assert_eq!(report.failed(), 0, "{report:?}");
+}
+
+#[test]
+fn a_pinned_group_ignores_rebuilds() {
+    let host = start_watching("pinned");
+    let current = host.status()["groups"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let output = host.cli(&["pin", &current]);
+    assert!(output.status.success(), "{}", text(&output));
+    host.dir.install(Variant::SampleV2, "handler.so");
+    wait_until("the change is seen and ignored", || {
+        host.log().contains("the group is pinned")
+    });
+    assert_eq!(get(host.addr, "/version").body, "v1");
+    assert_eq!(host.status()["reloads_ok"], 0);
+}
