@@ -23,6 +23,9 @@ pub struct Config {
     /// Control socket, pid file, log file and handler store live here.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// Where to serve `/metrics` and `/healthz` (off when unset).
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
     /// Reload a group automatically when its handler file is rebuilt.
     #[serde(default)]
     pub watch: bool,

@@ -21,9 +21,18 @@ pub struct WorkerCounters {
     pub in_flight: AtomicU64,
     /// Open connections.
     pub connections: AtomicU64,
+    /// Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub by_class: [AtomicU64; 5],
 }
 
 impl WorkerCounters {
+    /// Counts one response with this status code.
+    pub fn count_response(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
@@ -84,9 +93,13 @@ mod tests {
     fn both_mappings_see_the_same_counters() {
         let (master, fd) = SharedCounters::create().unwrap();
         let worker = SharedCounters::open(fd).unwrap();
-        worker.requests.fetch_add(3, Ordering::Relaxed);
+        worker.count_response(200);
+        worker.count_response(204);
+        worker.count_response(503);
         worker.in_flight.fetch_add(1, Ordering::Relaxed);
         assert_eq!(WorkerCounters::get(&master.requests), 3);
+        assert_eq!(WorkerCounters::get(&master.by_class[1]), 2);
+        assert_eq!(WorkerCounters::get(&master.by_class[4]), 1);
         assert_eq!(WorkerCounters::get(&master.in_flight), 1);
     }
 }

@@ -7,12 +7,15 @@
 //! that only turn what they see into events, so every transition can be read
 //! (and reasoned about) in one place, with no locks.
 
+mod admin;
 mod control;
+mod metrics;
 pub mod pins;
 mod reload;
 mod spawn;
 pub mod store;
 mod supervisor;
+mod systemd;
 mod watch;
 
 use std::fs;
@@ -55,6 +58,11 @@ pub enum Event {
     Signal(SignalAction),
     /// A watched handler file changed (after debouncing).
     HandlerChanged(usize),
+    /// A request on the admin listener.
+    Admin(
+        admin::AdminQuery,
+        tokio::sync::oneshot::Sender<admin::AdminAnswer>,
+    ),
 }
 
 /// What a signal asks for.
@@ -78,6 +86,7 @@ pub fn run(config: Config, ready: Option<OwnedFd>) -> Result<()> {
         .create(&run_dir.root)
         .with_context(|| format!("cannot create run directory {}", run_dir.root.display()))?;
     let _lock = lock_run_dir(&run_dir)?;
+    let activated = systemd::take_listeners()?;
     let store = HandlerStore::open(&run_dir.store())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -85,7 +94,15 @@ pub fn run(config: Config, ready: Option<OwnedFd>) -> Result<()> {
         .context("cannot start the master's runtime")?;
     let result = runtime.block_on(async {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let mut master = Master::new(config, store, run_dir.clone(), events_tx.clone())?;
+        let admin = match config.admin {
+            Some(addr) => Some(admin::bind(addr).await?),
+            None => None,
+        };
+        let mut master = Master::new(config, store, run_dir.clone(), activated, events_tx.clone())?;
+        if let Some(admin) = admin {
+            master.admin_addr = admin.local_addr().ok();
+            tokio::spawn(admin::serve(admin, events_tx.clone()));
+        }
         let control = control::bind(&run_dir.control_socket())?;
         tokio::spawn(control::serve(control, events_tx.clone()));
         spawn_signal_listeners(&events_tx)?;

@@ -156,6 +156,7 @@ impl Master {
                 "reload started"
             );
         }
+        super::systemd::reloading();
         self.reload = Some(ReloadRun {
             started,
             targets,
@@ -176,6 +177,8 @@ impl Master {
     fn refuse_reload(&mut self, started: Instant, error: String, waiters: Vec<Reply>) {
         tracing::error!("reload refused: {error}");
         self.reloads_failed += 1;
+        self.metrics
+            .reload_done(false, started.elapsed().as_secs_f64());
         let outcome = ReloadOutcome {
             ok: false,
             error: Some(error),
@@ -381,6 +384,11 @@ impl Master {
             return;
         };
         let ok = run.failure.is_none();
+        self.metrics
+            .reload_done(ok, run.started.elapsed().as_secs_f64());
+        if !self.is_stopping() {
+            super::systemd::ready("serving");
+        }
         if ok {
             self.reloads_ok += 1;
         } else {

@@ -44,6 +44,8 @@ pub fn spawn_worker(listener: &std::net::TcpListener, label: &str) -> Result<Spa
         .arg("worker")
         .env("LISTEN_FDS", "1")
         .env("LD_BIND_NOW", "1")
+        // systemd talks to the master only.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
     command

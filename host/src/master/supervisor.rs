@@ -21,10 +21,13 @@ use nix::unistd::Pid;
 use tokio::io::BufReader;
 use tokio::sync::mpsc;
 
+use super::admin::{AdminAnswer, AdminQuery};
+use super::metrics::{ExitReason, Metrics};
 use super::pins;
 use super::reload::{QueuedReload, ReloadRun};
 use super::spawn::spawn_worker;
 use super::store::{HandlerStore, Version};
+use super::systemd::{self, ActivatedListener};
 use super::{report_ready, Event, SignalAction};
 use crate::config::{Config, GroupConfig, RunDir};
 use crate::counters::{SharedCounters, WorkerCounters};
@@ -81,6 +84,8 @@ pub struct Worker {
     /// Set once a start failure has been dealt with, so the exit that
     /// follows is not dealt with again.
     failed: bool,
+    /// Set when the master killed it at its stop timeout.
+    killed: bool,
     to_worker: mpsc::UnboundedSender<ToWorker>,
     pub counters: SharedCounters,
 }
@@ -112,6 +117,10 @@ pub struct Master {
     phase: Phase,
     started: Instant,
     restarts: u64,
+    /// Request, worker and reload metrics.
+    pub metrics: Metrics,
+    /// Where the admin listener listens.
+    pub admin_addr: Option<SocketAddr>,
     /// Finished reloads, by result.
     pub reloads_ok: u64,
     pub reloads_failed: u64,
@@ -123,14 +132,30 @@ impl Master {
         config: Config,
         store: HandlerStore,
         run_dir: RunDir,
+        mut activated: Vec<ActivatedListener>,
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<Master> {
         let pins = pins::load_pins(&run_dir)?;
         let mut groups = Vec::new();
         for group in config.groups {
-            let listener = bind(group.listen).with_context(|| {
-                format!("group {}: cannot listen on {}", group.name, group.listen)
-            })?;
+            let adopted = activated
+                .iter()
+                .position(|a| a.name == group.name)
+                .or_else(|| {
+                    activated
+                        .iter()
+                        .position(|a| a.listener.local_addr().ok() == Some(group.listen))
+                });
+            let listener = match adopted {
+                Some(index) => {
+                    let adopted = activated.swap_remove(index);
+                    tracing::info!(group = %group.name, fd_name = %adopted.name, "using the socket-activated listener");
+                    adopted.listener
+                }
+                None => bind(group.listen).with_context(|| {
+                    format!("group {}: cannot listen on {}", group.name, group.listen)
+                })?,
+            };
             let addr = listener.local_addr()?;
             let version = pins::chosen_version(&store, &pins, &group)?;
             let slots = (0..group.count)
@@ -159,7 +184,12 @@ impl Master {
         } else {
             None
         };
+        for unused in activated {
+            tracing::warn!(fd_name = %unused.name, "socket-activated listener matches no group; closing it");
+        }
         Ok(Master {
+            metrics: Metrics::default(),
+            admin_addr: None,
             groups,
             workers: BTreeMap::new(),
             store,
@@ -242,6 +272,9 @@ impl Master {
             Event::Control(request, reply) => self.on_control(request, reply),
             Event::Signal(action) => self.on_signal(action),
             Event::HandlerChanged(group) => self.on_handler_changed(group),
+            Event::Admin(query, reply) => {
+                let _ = reply.send(self.on_admin(query));
+            }
         }
         None
     }
@@ -281,6 +314,7 @@ impl Master {
         let start_timeout = config.start_timeout;
         self.after(start_timeout, Event::StartTimeout(id));
         tracing::debug!(worker = %label, pid = spawned.pid, version = version.short(), "worker spawned");
+        self.metrics.worker_started(&self.groups[group].config.name);
         self.workers.insert(
             id,
             Worker {
@@ -294,6 +328,7 @@ impl Master {
                 ready_at: None,
                 handler_version: None,
                 failed: false,
+                killed: false,
                 to_worker,
                 counters: spawned.counters,
             },
@@ -444,7 +479,17 @@ impl Master {
                 }
             }
         }
-        self.workers.remove(&id);
+        if let Some(worker) = self.workers.remove(&id) {
+            let reason = match worker.state {
+                WorkerState::Starting => ExitReason::StartFailed,
+                WorkerState::Draining if worker.killed => ExitReason::Killed,
+                WorkerState::Draining => ExitReason::Retired,
+                WorkerState::Ready => ExitReason::Crashed,
+            };
+            let group = &self.groups[worker.group].config.name;
+            self.metrics
+                .worker_ended(id, group, worker.version.short(), &worker.counters, reason);
+        }
         self.reload_worker_gone(id);
         start_error
     }
@@ -464,6 +509,9 @@ impl Master {
             "worker did not finish within its stop timeout; killed"
         );
         let _ = kill(Pid::from_raw(worker.pid as i32), Signal::SIGKILL);
+        if let Some(worker) = self.workers.get_mut(&id) {
+            worker.killed = true;
+        }
         self.reload_worker_killed(id, in_flight);
     }
 
@@ -500,6 +548,11 @@ impl Master {
             tracing::error!(worker = %self.label(group, slot), "cannot restart worker: {e:#}");
             self.schedule_restart(group, slot, true);
         }
+    }
+
+    /// Whether the master is on its way out.
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.phase, Phase::Stopping)
     }
 
     /// Tells a worker to drain, and bounds how long it may take.
@@ -549,6 +602,7 @@ impl Master {
             .collect::<Vec<_>>()
             .join(", ");
         tracing::info!("serving {summary}");
+        systemd::ready(&format!("serving {summary}"));
         for group in &self.groups {
             if let Err(e) = pins::record(&self.run_dir, &group.config.name, &group.version.hash) {
                 tracing::warn!("cannot record version history: {e:#}");
@@ -572,6 +626,7 @@ impl Master {
             return;
         }
         tracing::info!(graceful = !now, "stopping");
+        systemd::stopping();
         self.phase = Phase::Stopping;
         self.reload_abandon("host is stopping");
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
@@ -668,6 +723,57 @@ impl Master {
         }
     }
 
+    fn on_admin(&mut self, query: AdminQuery) -> AdminAnswer {
+        match query {
+            AdminQuery::Metrics => {
+                let groups = self.groups.iter().map(|g| g.config.name.as_str());
+                let workers = self.workers.iter().map(|(id, w)| {
+                    (
+                        *id,
+                        self.groups[w.group].config.name.as_str(),
+                        w.version.short(),
+                        &*w.counters,
+                    )
+                });
+                let text = self.metrics.render(groups, workers);
+                (
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
+            }
+            AdminQuery::Health => {
+                let mut healthy = !matches!(self.phase, Phase::Stopping);
+                let mut text = String::new();
+                for group in &self.groups {
+                    let ready = group
+                        .slots
+                        .iter()
+                        .filter_map(|s| s.current)
+                        .filter(|id| {
+                            self.workers
+                                .get(id)
+                                .is_some_and(|w| w.state == WorkerState::Ready)
+                        })
+                        .count();
+                    healthy &= ready > 0;
+                    text.push_str(&format!(
+                        "{} {}/{} ready\n",
+                        group.config.name,
+                        ready,
+                        group.slots.len()
+                    ));
+                }
+                let status = if healthy { 200 } else { 503 };
+                (
+                    status,
+                    "text/plain; charset=utf-8",
+                    format!("{}\n{text}", if healthy { "ok" } else { "not ready" }),
+                )
+            }
+        }
+    }
+
     /// What `host status` shows.
     pub fn status(&self) -> StatusReport {
         let groups = self
@@ -715,6 +821,7 @@ impl Master {
             restarts: self.restarts,
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
+            admin: self.admin_addr.map(|a| a.to_string()),
             reloading: self.reload.is_some(),
             rss_bytes: rss_bytes(std::process::id()),
             groups,

@@ -63,6 +63,8 @@ pub struct StatusReport {
     pub reloading: bool,
     /// Master resident memory.
     pub rss_bytes: u64,
+    /// The admin listener's address, when there is one.
+    pub admin: Option<String>,
     /// Groups.
     pub groups: Vec<GroupStatus>,
     /// Workers, starting and draining ones included.

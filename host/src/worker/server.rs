@@ -150,7 +150,7 @@ impl Server {
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.count_response(response.status().as_u16());
         response
     }
 
