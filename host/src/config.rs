@@ -23,6 +23,10 @@ pub struct Config {
     /// Control socket, pid file, log file and handler store live here.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// When started as root: bind the listeners, then run the master and its
+    /// workers as this user.
+    #[serde(default)]
+    pub user: Option<String>,
     /// Where to serve `/metrics` and `/healthz` (off when unset).
     #[serde(default)]
     pub admin: Option<SocketAddr>,

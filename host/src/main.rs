@@ -10,6 +10,7 @@
 mod cli;
 mod config;
 mod counters;
+mod logfile;
 mod master;
 mod protocol;
 mod worker;
@@ -17,11 +18,13 @@ mod worker;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    init_logging();
+    let json = cli.log_format == cli::LogFormat::Json;
+    // Workers inherit the choice through the environment.
+    std::env::set_var(logfile::LOG_FORMAT_ENV, if json { "json" } else { "text" });
+    logfile::init(json);
     match cli.command {
         cli::Command::Worker => return worker::run(),
         cli::Command::Inspect { file } => return worker::inspect(&file),
@@ -34,15 +37,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs go to stderr (the log file when daemonized); `HOST_LOG` filters,
-/// e.g. `HOST_LOG=debug` or `HOST_LOG=host=debug,handler=info`.
-fn init_logging() {
-    let filter = EnvFilter::try_from_env("HOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
 }

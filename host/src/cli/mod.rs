@@ -24,8 +24,26 @@ use crate::protocol::control::{
 #[derive(Debug, Parser)]
 #[command(name = "host", version, propagate_version = true)]
 pub struct Cli {
+    /// Log lines as text or as JSON objects
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "HOST_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// Which config to use; shared by every command.
@@ -45,7 +63,7 @@ pub enum Command {
         config: ConfigArg,
         /// Run in the background: returns once every worker is ready (exit
         /// 0) or the start failed (exit 1, with the reason); logs go to
-        /// <run_dir>/host.log
+        /// <run_dir>/host.log (reopened on SIGUSR2, for log rotation)
         #[arg(short, long)]
         daemon: bool,
         /// Reload a group whenever its handler file is rebuilt (same as
@@ -68,6 +86,14 @@ pub enum Command {
     },
     /// Show groups and workers: pid, state, version, requests, memory
     Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every worker's open connections: peer, state, requests, age
+    Connections {
         #[command(flatten)]
         config: ConfigArg,
         /// Print JSON for scripts
@@ -174,6 +200,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
             start(&config, true, false)
         }
         Command::Status { config, json } => status(&load(&config)?, json),
+        Command::Connections { config, json } => connections(&load(&config)?, json),
         Command::Reload { config, group, to } => {
             let config = load(&config)?;
             if let Some(to) = to {
@@ -243,7 +270,8 @@ fn start_daemon(arg: &ConfigArg, config: &Config) -> Result<ExitCode> {
     use std::os::unix::process::CommandExt;
 
     let run_dir = RunDir::of(config);
-    std::fs::create_dir_all(&run_dir.root)
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&run_dir.root)
         .with_context(|| format!("cannot create run directory {}", run_dir.root.display()))?;
     let log_path = run_dir.log_file();
     let log = std::fs::OpenOptions::new()
@@ -262,6 +290,7 @@ fn start_daemon(arg: &ConfigArg, config: &Config) -> Result<ExitCode> {
     }
     command
         .env("HOST_READY_FD", "3")
+        .env(crate::logfile::LOG_FILE_ENV, &log_path)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -365,6 +394,50 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
     bail!("the master sent no status")
 }
 
+fn connections(config: &Config, json: bool) -> Result<ExitCode> {
+    for reply in ask(config, &ControlRequest::Connections)? {
+        if let ControlReply::Connections { workers } = reply? {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&workers)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<12} {:>4} {:>8} {:<22} {:<8} {:>9} {:>8}",
+                "GROUP", "SLOT", "PID", "PEER", "STATE", "REQUESTS", "AGE"
+            );
+            for worker in &workers {
+                let Some(list) = &worker.connections else {
+                    println!(
+                        "{:<12} {:>4} {:>8} (busy: did not answer in time)",
+                        worker.group, worker.slot, worker.pid
+                    );
+                    continue;
+                };
+                for c in list {
+                    println!(
+                        "{:<12} {:>4} {:>8} {:<22} {:<8} {:>9} {:>8}",
+                        worker.group,
+                        worker.slot,
+                        worker.pid,
+                        c.peer,
+                        c.state,
+                        c.requests,
+                        duration(c.age_secs)
+                    );
+                }
+            }
+            let total: usize = workers
+                .iter()
+                .filter_map(|w| w.connections.as_ref())
+                .map(Vec::len)
+                .sum();
+            println!("{total} connection(s) on {} worker(s)", workers.len());
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    bail!("the master sent no connection list")
+}
+
 fn print_status(report: &StatusReport) {
     println!(
         "master pid {}  up {}  restarts {}  rss {}{}",
@@ -433,7 +506,7 @@ fn reload(config: &Config, group: Option<String>) -> Result<ExitCode> {
             ControlReply::Progress(step) => println!("{}", describe_step(&step)),
             ControlReply::Reloaded(outcome) => return Ok(print_outcome(&outcome)),
             ControlReply::Error { message } => bail!("reload refused: {message}"),
-            ControlReply::Status(_) => {}
+            ControlReply::Status(_) | ControlReply::Connections { .. } => {}
         }
     }
     bail!("the master closed the connection before the reload ended")

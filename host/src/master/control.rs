@@ -64,7 +64,8 @@ async fn connection(stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
         return;
     }
     while let Some(reply) = replies.recv().await {
-        if write_line(&mut writer, &reply).await.is_err() {
+        if let Err(e) = write_line(&mut writer, &reply).await {
+            tracing::debug!("control reply not delivered: {e:#}");
             break;
         }
     }

@@ -8,9 +8,11 @@
 //! (and reasoned about) in one place, with no locks.
 
 mod admin;
+mod connections;
 mod control;
 mod metrics;
 pub mod pins;
+mod privileges;
 mod reload;
 mod spawn;
 pub mod store;
@@ -58,6 +60,8 @@ pub enum Event {
     Signal(SignalAction),
     /// A watched handler file changed (after debouncing).
     HandlerChanged(usize),
+    /// A `host connections` query has waited long enough.
+    ConnectionsTimeout(u64),
     /// A request on the admin listener.
     Admin(
         admin::AdminQuery,
@@ -74,11 +78,23 @@ pub enum SignalAction {
     FastStop,
     /// SIGUSR1, SIGHUP: reload every reloadable group.
     Reload,
+    /// SIGUSR2: reopen the log file (after a rotation).
+    ReopenLog,
 }
 
 /// Runs a master until it is stopped. `ready` receives one line once the
 /// workers are ready (`ok`) or the start failed (the error).
-pub fn run(config: Config, ready: Option<OwnedFd>) -> Result<()> {
+pub fn run(config: Config, mut ready: Option<OwnedFd>) -> Result<()> {
+    let result = run_master(config, &mut ready);
+    if let Err(e) = &result {
+        // Failed before the workers started (lock, listener, handler file):
+        // a waiting `host start -d` still gets the reason.
+        report_ready(ready.take(), &Err(format!("{e:#}")));
+    }
+    result
+}
+
+fn run_master(config: Config, ready: &mut Option<OwnedFd>) -> Result<()> {
     let run_dir = RunDir::of(&config);
     fs::DirBuilder::new()
         .recursive(true)
@@ -87,6 +103,7 @@ pub fn run(config: Config, ready: Option<OwnedFd>) -> Result<()> {
         .with_context(|| format!("cannot create run directory {}", run_dir.root.display()))?;
     let _lock = lock_run_dir(&run_dir)?;
     let activated = systemd::take_listeners()?;
+    let run_as = privileges::RunAs::resolve(config.user.as_deref())?;
     let store = HandlerStore::open(&run_dir.store())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -108,7 +125,10 @@ pub fn run(config: Config, ready: Option<OwnedFd>) -> Result<()> {
         spawn_signal_listeners(&events_tx)?;
         fs::write(run_dir.pid_file(), format!("{}\n", std::process::id()))
             .context("cannot write the pid file")?;
-        master.run(events_rx, ready).await
+        if let Some(run_as) = &run_as {
+            run_as.drop_privileges(&run_dir.root)?;
+        }
+        master.run(events_rx, ready.take()).await
     });
     let _ = fs::remove_file(run_dir.control_socket());
     let _ = fs::remove_file(run_dir.pid_file());
@@ -141,6 +161,7 @@ fn spawn_signal_listeners(events: &mpsc::UnboundedSender<Event>) -> Result<()> {
         (SignalKind::interrupt(), SignalAction::FastStop),
         (SignalKind::user_defined1(), SignalAction::Reload),
         (SignalKind::hangup(), SignalAction::Reload),
+        (SignalKind::user_defined2(), SignalAction::ReopenLog),
     ];
     for (kind, action) in table {
         let mut stream = signal(kind).context("cannot install a signal handler")?;

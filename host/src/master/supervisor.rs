@@ -117,6 +117,9 @@ pub struct Master {
     phase: Phase,
     started: Instant,
     restarts: u64,
+    /// `host connections` requests waiting for workers.
+    pub connection_queries: Vec<super::connections::ConnectionsQuery>,
+    pub next_query: u64,
     /// Request, worker and reload metrics.
     pub metrics: Metrics,
     /// Where the admin listener listens.
@@ -189,6 +192,8 @@ impl Master {
         }
         Ok(Master {
             metrics: Metrics::default(),
+            connection_queries: Vec::new(),
+            next_query: 0,
             admin_addr: None,
             groups,
             workers: BTreeMap::new(),
@@ -255,6 +260,10 @@ impl Master {
             Event::Worker(id, FromWorker::Failed { error }) => {
                 return self.on_start_failure(id, error)
             }
+            Event::Worker(id, FromWorker::Connections { connections }) => {
+                self.worker_connections(id, connections)
+            }
+            Event::ConnectionsTimeout(query) => self.connections_timeout(query),
             Event::StartTimeout(id) => {
                 if let Some(worker) = self.workers.get(&id) {
                     if worker.state == WorkerState::Starting && !worker.failed {
@@ -491,6 +500,7 @@ impl Master {
                 .worker_ended(id, group, worker.version.short(), &worker.counters, reason);
         }
         self.reload_worker_gone(id);
+        self.connections_worker_gone(id);
         start_error
     }
 
@@ -657,7 +667,27 @@ impl Master {
             SignalAction::GracefulStop => self.stop(false),
             SignalAction::FastStop => self.stop(true),
             SignalAction::Reload => self.reload_in_background(None),
+            SignalAction::ReopenLog => self.reopen_log(),
         }
+    }
+
+    /// Reopens the daemon's log file, in the master and every worker.
+    fn reopen_log(&mut self) {
+        let Some(path) = std::env::var_os(crate::logfile::LOG_FILE_ENV) else {
+            tracing::info!("SIGUSR2: not daemonized, no log file to reopen");
+            return;
+        };
+        let path = std::path::PathBuf::from(path);
+        if let Err(e) = crate::logfile::reopen(&path) {
+            tracing::error!("{e:#}");
+            return;
+        }
+        for worker in self.workers.values() {
+            let _ = worker
+                .to_worker
+                .send(ToWorker::ReopenLog { path: path.clone() });
+        }
+        tracing::info!(file = %path.display(), "log file reopened");
     }
 
     /// Starts a reload nobody waits on; its outcome is only logged.
@@ -700,6 +730,7 @@ impl Master {
             ControlRequest::Status => {
                 let _ = reply.send(ControlReply::Status(self.status()));
             }
+            ControlRequest::Connections => self.query_connections(reply),
             ControlRequest::Stop { now } => {
                 let _ = reply.send(ControlReply::Accepted {
                     message: if now {

@@ -17,6 +17,8 @@ pub enum ControlRequest {
         /// Skip the graceful drain.
         now: bool,
     },
+    /// List every worker's open connections.
+    Connections,
     /// Replace the workers of reloadable groups with fresh ones.
     Reload {
         /// Only this group; all groups when `None`.
@@ -30,6 +32,11 @@ pub enum ControlRequest {
 pub enum ControlReply {
     /// Answer to `Status`.
     Status(StatusReport),
+    /// Answer to `Connections`.
+    Connections {
+        /// One entry per worker.
+        workers: Vec<WorkerConnections>,
+    },
     /// A line of reload progress.
     Progress(ReloadStep),
     /// The outcome of a reload.
@@ -44,6 +51,21 @@ pub enum ControlReply {
         /// Why.
         message: String,
     },
+}
+
+/// The open connections of one worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerConnections {
+    /// Group name.
+    pub group: String,
+    /// Slot within the group.
+    pub slot: usize,
+    /// Process id.
+    pub pid: u32,
+    /// Lifecycle state.
+    pub state: WorkerState,
+    /// Its connections; `None` if it did not answer in time.
+    pub connections: Option<Vec<crate::protocol::worker::ConnectionInfo>>,
 }
 
 /// What `host status` shows.
@@ -191,4 +213,71 @@ pub struct ReloadOutcome {
     pub done_ms: u64,
     /// Retired workers that had to be killed.
     pub killed: Vec<KilledWorker>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reply must survive the JSON-line framing (an internally tagged
+    /// enum cannot carry a bare sequence, and would fail only at run time).
+    #[test]
+    fn every_reply_round_trips_through_json() {
+        let status = StatusReport {
+            pid: 1,
+            uptime_secs: 0.0,
+            restarts: 0,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            reloading: false,
+            rss_bytes: 0,
+            admin: None,
+            groups: Vec::new(),
+            workers: Vec::new(),
+        };
+        let replies = vec![
+            ControlReply::Status(status),
+            ControlReply::Connections {
+                workers: Vec::new(),
+            },
+            ControlReply::Progress(ReloadStep {
+                group: "web".into(),
+                slot: 0,
+                old_pid: None,
+                old_version: None,
+                new_pid: 2,
+                new_version: "abc".into(),
+                start_ms: 1,
+                rollback: false,
+            }),
+            ControlReply::Reloaded(ReloadOutcome {
+                ok: true,
+                error: None,
+                groups: Vec::new(),
+                notified: Vec::new(),
+                ready_ms: 0,
+                done_ms: 0,
+                killed: Vec::new(),
+            }),
+            ControlReply::Accepted {
+                message: "m".into(),
+            },
+            ControlReply::Error {
+                message: "m".into(),
+            },
+        ];
+        for reply in replies {
+            let line = serde_json::to_string(&reply).expect("serializes");
+            let _: ControlReply = serde_json::from_str(&line).expect("deserializes");
+        }
+        for request in [
+            ControlRequest::Status,
+            ControlRequest::Connections,
+            ControlRequest::Stop { now: true },
+            ControlRequest::Reload { group: None },
+        ] {
+            let line = serde_json::to_string(&request).expect("serializes");
+            let _: ControlRequest = serde_json::from_str(&line).expect("deserializes");
+        }
+    }
 }

@@ -51,6 +51,13 @@ pub enum ToWorker {
     Stop,
     /// A reload happened; this worker is not reloadable.
     ReloadNotify,
+    /// List the open connections.
+    Connections,
+    /// Point stderr at a freshly opened log file.
+    ReopenLog {
+        /// The log file.
+        path: PathBuf,
+    },
 }
 
 /// Worker → master.
@@ -64,9 +71,27 @@ pub enum FromWorker {
         /// The version the handler reports.
         handler_version: String,
     },
+    /// The answer to `Connections`.
+    Connections {
+        /// One entry per open connection.
+        connections: Vec<ConnectionInfo>,
+    },
     /// The worker could not start; it exits right after.
     Failed {
         /// What went wrong, for the person who asked for the start.
         error: String,
     },
+}
+
+/// One open client connection of a worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub peer: String,
+    /// `active` (answering a request), `idle` (keep-alive) or `closing`.
+    pub state: String,
+    /// Requests answered on it.
+    pub requests: u64,
+    /// Seconds since it was accepted.
+    pub age_secs: f64,
 }

@@ -97,7 +97,14 @@ async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result
         Some(other) => bail!("expected a start message from the master, got {other:?}"),
         None => bail!("the master closed the channel before starting this worker"),
     };
-    let _span = tracing::info_span!("worker", group = %spec.group, slot = spec.slot, version = %spec.version).entered();
+    let _span = tracing::info_span!(
+        "worker",
+        group = %spec.group,
+        slot = spec.slot,
+        pid = std::process::id(),
+        version = %spec.version
+    )
+    .entered();
     let _ = IDENTITY.set((spec.group.clone(), spec.slot, spec.version.clone()));
 
     let started = start(&spec, listener, counters);
@@ -125,7 +132,7 @@ async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result
     )
     .await?;
     tracing::debug!("ready");
-    run_until_told(&spec, &server, &mut reader).await
+    run_until_told(&spec, &server, &mut reader, &mut writer).await
 }
 
 /// Loads and starts the handler, and readies the listener.
@@ -191,11 +198,12 @@ extern "C" fn handler_log(level: Level, message: RStr<'_>) {
         .get()
         .map_or(("?", 0, "?"), |(g, s, v)| (g.as_str(), *s, v.as_str()));
     let message = message.as_str();
+    let pid = std::process::id();
     match level {
-        Level::Error => tracing::error!(target: "handler", group, slot, version, "{message}"),
-        Level::Warn => tracing::warn!(target: "handler", group, slot, version, "{message}"),
-        Level::Info => tracing::info!(target: "handler", group, slot, version, "{message}"),
-        Level::Debug => tracing::debug!(target: "handler", group, slot, version, "{message}"),
+        Level::Error => tracing::error!(target: "handler", group, slot, pid, version, "{message}"),
+        Level::Warn => tracing::warn!(target: "handler", group, slot, pid, version, "{message}"),
+        Level::Info => tracing::info!(target: "handler", group, slot, pid, version, "{message}"),
+        Level::Debug => tracing::debug!(target: "handler", group, slot, pid, version, "{message}"),
     }
 }
 
@@ -204,6 +212,7 @@ async fn run_until_told(
     spec: &WorkerSpec,
     server: &Server,
     reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let lame_duck = Duration::from_millis(spec.lame_duck_ms);
@@ -214,6 +223,15 @@ async fn run_until_told(
             _ = sigterm.recv() => Ok(Some(ToWorker::Drain)),
         };
         match message {
+            Ok(Some(ToWorker::Connections)) => {
+                let connections = server.connections();
+                write_line(writer, &FromWorker::Connections { connections }).await?;
+            }
+            Ok(Some(ToWorker::ReopenLog { path })) => {
+                if let Err(e) = crate::logfile::reopen(&path) {
+                    tracing::warn!("{e:#}");
+                }
+            }
             Ok(Some(ToWorker::ReloadNotify)) => {
                 (server.handler().reload())();
             }

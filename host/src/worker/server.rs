@@ -12,11 +12,12 @@
 //! The worker exits as soon as its last connection is gone, which under load
 //! is one response time after the drain began, not a fixed period.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use handler_api::{HandlerModuleRef, Header, Request};
@@ -32,6 +33,7 @@ use tokio::sync::watch;
 
 use crate::config::Dispatch;
 use crate::counters::SharedCounters;
+use crate::protocol::worker::ConnectionInfo;
 
 type HttpResponse = hyper::Response<Full<Bytes>>;
 
@@ -49,6 +51,18 @@ pub struct Server {
     close_idle: watch::Sender<bool>,
     stop_accepting: watch::Sender<bool>,
     open_connections: watch::Sender<usize>,
+    /// Every open connection, for `host connections`.
+    connections: Mutex<HashMap<u64, Arc<Connection>>>,
+    next_connection: AtomicU64,
+}
+
+/// What `host connections` shows of one connection; updated with atomics
+/// on the request path, read rarely.
+struct Connection {
+    peer: Arc<str>,
+    opened: Instant,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
 }
 
 /// Server limits and dispatch mode.
@@ -78,6 +92,8 @@ impl Server {
             close_idle: watch::channel(false).0,
             stop_accepting: watch::channel(false).0,
             open_connections: watch::channel(0).0,
+            connections: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(0),
         })
     }
 
@@ -112,12 +128,19 @@ impl Server {
     async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
         self.open_connections.send_modify(|n| *n += 1);
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
-        let peer: Arc<str> = peer.to_string().into();
+        let connection = Arc::new(Connection {
+            peer: peer.to_string().into(),
+            opened: Instant::now(),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        });
+        let key = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        self.registry().insert(key, connection.clone());
         let server = self.clone();
         let service = service_fn(move |req| {
             let server = server.clone();
-            let peer = peer.clone();
-            async move { Ok::<_, Infallible>(server.respond(req, peer).await) }
+            let connection = connection.clone();
+            async move { Ok::<_, Infallible>(server.respond(req, &connection).await) }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -133,17 +156,47 @@ impl Server {
                 log_connection_end(conn.await);
             }
         }
+        self.registry().remove(&key);
         self.counters.connections.fetch_sub(1, Ordering::Relaxed);
         self.open_connections.send_modify(|n| *n -= 1);
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Connection>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The open connections, for `host connections`.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        let closing = self.draining.load(Ordering::Relaxed);
+        let mut list: Vec<ConnectionInfo> = self
+            .registry()
+            .values()
+            .map(|c| ConnectionInfo {
+                peer: c.peer.to_string(),
+                state: match (c.in_flight.load(Ordering::Relaxed) > 0, closing) {
+                    (true, _) => "active",
+                    (false, true) => "closing",
+                    (false, false) => "idle",
+                }
+                .to_owned(),
+                requests: c.requests.load(Ordering::Relaxed),
+                age_secs: c.opened.elapsed().as_secs_f64(),
+            })
+            .collect();
+        list.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
+        list
     }
 
     async fn respond(
         self: Arc<Self>,
         req: hyper::Request<Incoming>,
-        peer: Arc<str>,
+        connection: &Connection,
     ) -> HttpResponse {
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut response = self.clone().answer(req, peer).await;
+        connection.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut response = self.clone().answer(req, connection.peer.clone()).await;
+        connection.in_flight.fetch_sub(1, Ordering::Relaxed);
+        connection.requests.fetch_add(1, Ordering::Relaxed);
         if self.draining.load(Ordering::Relaxed) {
             response
                 .headers_mut()
