@@ -158,9 +158,18 @@ impl Config {
     fn from_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        let config: Config = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), e.message()))
-            .with_context(|| format!("invalid config {}", path.display()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            let place = e.span().map_or_else(String::new, |span| {
+                let line = text[..span.start].matches('\n').count() + 1;
+                let content = text.lines().nth(line - 1).unwrap_or("").trim();
+                format!(" line {line} ({content})")
+            });
+            anyhow::anyhow!(
+                "invalid config {}{place}: {}",
+                path.display(),
+                e.message().trim()
+            )
+        })?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -309,6 +318,23 @@ mod tests {
                 ("greeting".to_owned(), "hi".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn file_errors_name_the_file_and_the_line_once() {
+        let dir = std::env::temp_dir().join(format!("host-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("host.toml");
+        std::fs::write(
+            &path,
+            "[[group]]\nname = \"web\"\nlisten = \"localhost\"\nhandler = \"h.so\"\n",
+        )
+        .unwrap();
+        let error = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert_eq!(error.matches("host.toml").count(), 1, "{error}");
+        assert!(error.contains("line 3 (listen = \"localhost\")"), "{error}");
+        assert!(error.contains("invalid socket address"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -238,18 +238,25 @@ impl Host {
     /// Writes `config` as host.toml and starts a master; waits until every
     /// worker is ready.
     pub fn start(dir: TestDir, config: &str) -> Host {
+        Self::start_with(dir, config, |_| {})
+    }
+
+    /// Like `start`, letting the test adjust the command (environment,
+    /// inherited descriptors, a wrapper) before it runs.
+    pub fn start_with(dir: TestDir, config: &str, adjust: impl FnOnce(&mut Command)) -> Host {
         dir.write("host.toml", config);
         let log = std::fs::File::create(dir.path.join("master.log")).unwrap();
-        let child = Command::new(host_bin())
+        let mut command = Command::new(host_bin());
+        command
             .current_dir(&dir.path)
             .args(["start", "-c"])
             .arg(dir.path.join("host.toml"))
             .env("HOST_TEST_TAG", tag(&dir))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start host");
+            .stderr(log);
+        adjust(&mut command);
+        let child = command.spawn().expect("start host");
         let mut host = Host {
             dir,
             child,

@@ -647,6 +647,10 @@ impl Master {
             match (worker.state, now) {
                 (WorkerState::Starting, _) => {
                     let _ = kill(Pid::from_raw(worker.pid as i32), Signal::SIGKILL);
+                    // Its exit is the stop, not a start failure to report.
+                    if let Some(worker) = self.workers.get_mut(&id) {
+                        worker.failed = true;
+                    }
                 }
                 (_, true) => {
                     self.tell(id, ToWorker::Stop);
