@@ -45,16 +45,30 @@ fn group_version(host: &Host) -> String {
         .to_owned()
 }
 
-/// Every worker is ready and answers with `version`, on fresh connections.
-fn assert_all_serve(host: &Host, version: &str) {
-    let status = host.status();
-    for worker in status["workers"].as_array().unwrap() {
-        assert_eq!(worker["state"], "ready", "{status}");
-        assert_eq!(worker["handler_version"], version, "{status}");
-    }
-    for _ in 0..20 {
-        assert_eq!(get(host.addr, "/version").body, version);
-    }
+/// A request that stays in flight `ms` (the worker's in-flight count shows it).
+fn slow_request_in_flight(host: &Host, path: &'static str) -> std::thread::JoinHandle<Reply> {
+    let addr = host.addr;
+    let slow = std::thread::spawn(move || get(addr, path));
+    wait_until("the slow request is in flight", || {
+        host.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["in_flight"].as_u64().unwrap() > 0)
+    });
+    slow
+}
+
+/// `host reload` on another thread.
+fn reload_in_background(host: &Host) -> std::thread::JoinHandle<Output> {
+    let config = host.dir.path.join("host.toml");
+    std::thread::spawn(move || {
+        std::process::Command::new(host_bin())
+            .args(["reload", "-c"])
+            .arg(config)
+            .output()
+            .unwrap()
+    })
 }
 
 #[test]
@@ -239,15 +253,7 @@ fn a_failed_reload_puts_back_workers_already_replaced() {
 #[test]
 fn a_slow_request_in_flight_completes_across_a_reload() {
     let host = start_with("slow", Variant::SampleV1, 2, "stop_timeout = \"30s\"");
-    let addr = host.addr;
-    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=2000"));
-    wait_until("the slow request is in flight", || {
-        host.status()["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w["in_flight"].as_u64().unwrap() > 0)
-    });
+    let slow = slow_request_in_flight(&host, "/sleep?ms=2000");
     host.dir.install(Variant::SampleV2, "handler.so");
     let output = reload(&host);
     assert!(output.status.success(), "{}", text(&output));
@@ -292,29 +298,15 @@ fn a_request_longer_than_the_stop_timeout_is_reported_killed() {
 #[test]
 fn a_reload_asked_during_another_is_queued_and_both_report() {
     let host = start_with("queued", Variant::SampleV1, 2, "");
-    let addr = host.addr;
     // A request in flight keeps the first reload waiting for its old worker.
-    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=3000"));
-    wait_until("the slow request is in flight", || {
-        host.status()["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w["in_flight"].as_u64().unwrap() > 0)
-    });
+    let slow = slow_request_in_flight(&host, "/sleep?ms=3000");
     host.dir.install(Variant::SampleV2, "handler.so");
-    let config = host.dir.path.join("host.toml");
-    let first = std::thread::spawn(move || {
-        std::process::Command::new(host_bin())
-            .args(["reload", "-c"])
-            .arg(config)
-            .output()
-    });
+    let first = reload_in_background(&host);
     wait_until("the first reload is running", || {
         host.status()["reloading"] == true
     });
     let second = reload(&host);
-    let first = first.join().unwrap().unwrap();
+    let first = first.join().unwrap();
     assert!(first.status.success(), "{}", text(&first));
     assert!(second.status.success(), "{}", text(&second));
     assert!(text(&second).contains("queued"), "{}", text(&second));
@@ -386,25 +378,10 @@ fn a_worker_crash_during_a_reload_is_refilled_with_the_right_version() {
         2,
         "stop_timeout = \"30s\"",
     );
-    let addr = host.addr;
     // The slow request holds the reload open after both replacements are up.
-    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=3000"));
-    wait_until("the slow request is in flight", || {
-        host.status()["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w["in_flight"].as_u64().unwrap() > 0)
-    });
+    let slow = slow_request_in_flight(&host, "/sleep?ms=3000");
     host.dir.install(Variant::SampleV2, "handler.so");
-    let config = host.dir.path.join("host.toml");
-    let reload = std::thread::spawn(move || {
-        std::process::Command::new(host_bin())
-            .args(["reload", "-c"])
-            .arg(config)
-            .output()
-            .unwrap()
-    });
+    let reload = reload_in_background(&host);
     let mut victim = None;
     wait_until("a replacement is ready", || {
         let status = host.status();

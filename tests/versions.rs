@@ -32,18 +32,6 @@ fn version_with_label<'a>(versions: &'a [Value], label: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no version labelled {label}: {versions:?}"))
 }
 
-/// Every worker is ready and answers with `version`.
-fn assert_all_serve(host: &Host, version: &str) {
-    let status = host.status();
-    for worker in status["workers"].as_array().unwrap() {
-        assert_eq!(worker["state"], "ready", "{status}");
-        assert_eq!(worker["handler_version"], version, "{status}");
-    }
-    for _ in 0..10 {
-        assert_eq!(get(host.addr, "/version").body, version);
-    }
-}
-
 #[test]
 fn deploy_lists_labels_and_what_the_handler_says_it_is() {
     let dir = TestDir::new("deploy");

@@ -390,6 +390,18 @@ impl Drop for Host {
     }
 }
 
+/// Every worker is ready and answers with `version`, on fresh connections.
+pub fn assert_all_serve(host: &Host, version: &str) {
+    let status = host.status();
+    for worker in status["workers"].as_array().unwrap() {
+        assert_eq!(worker["state"], "ready", "{status}");
+        assert_eq!(worker["handler_version"], version, "{status}");
+    }
+    for _ in 0..20 {
+        assert_eq!(get(host.addr, "/version").body, version);
+    }
+}
+
 /// Sends a signal to a process.
 pub fn kill(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();

@@ -781,16 +781,7 @@ impl Master {
                 let mut healthy = !matches!(self.phase, Phase::Stopping);
                 let mut text = String::new();
                 for group in &self.groups {
-                    let ready = group
-                        .slots
-                        .iter()
-                        .filter_map(|s| s.current)
-                        .filter(|id| {
-                            self.workers
-                                .get(id)
-                                .is_some_and(|w| w.state == WorkerState::Ready)
-                        })
-                        .count();
+                    let ready = self.ready_workers(group);
                     healthy &= ready > 0;
                     text.push_str(&format!(
                         "{} {}/{} ready\n",
@@ -809,6 +800,20 @@ impl Master {
         }
     }
 
+    /// Slots of `group` whose worker is ready.
+    fn ready_workers(&self, group: &Group) -> usize {
+        group
+            .slots
+            .iter()
+            .filter_map(|s| s.current)
+            .filter(|id| {
+                self.workers
+                    .get(id)
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+            })
+            .count()
+    }
+
     /// What `host status` shows.
     pub fn status(&self) -> StatusReport {
         let groups = self
@@ -821,16 +826,7 @@ impl Master {
                 reloadable: g.config.reloadable,
                 version: g.version.short().to_owned(),
                 handler: g.config.handler.display().to_string(),
-                ready: g
-                    .slots
-                    .iter()
-                    .filter_map(|s| s.current)
-                    .filter(|id| {
-                        self.workers
-                            .get(id)
-                            .is_some_and(|w| w.state == WorkerState::Ready)
-                    })
-                    .count(),
+                ready: self.ready_workers(g),
             })
             .collect();
         let workers = self
