@@ -1,0 +1,288 @@
+//! The server: a parent that binds and supervises, worker processes that
+//! serve. Mirrors host's process model and hyper settings
+//! (`host/src/master/spawn.rs`, `host/src/worker/server.rs`) minus
+//! everything host does beyond serving: no handler ABI, no counters, no
+//! drain.
+//!
+//! The parent re-executes itself (`/proc/self/exe worker`) with
+//! - fd 3: the shared listening socket (set non-blocking in the worker);
+//! - fd 4: the write end of a pipe on which the worker reports ready (one
+//!   byte), so the parent prints its address only once every worker serves.
+
+use std::convert::Infallible;
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use command_fds::{CommandFdExt, FdMapping};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::StatusCode;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// An HTTP response as the workers send it.
+pub type HttpResponse = hyper::Response<Full<Bytes>>;
+
+/// host's defaults (`host/src/worker/server.rs`, `host/src/config.rs`).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_HEADER_BYTES: usize = 16 << 10;
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+const LISTENER_FD: i32 = 3;
+const READY_FD: i32 = 4;
+/// Set for the worker processes only; `worker` refuses to run without it.
+const WORKER_ENV: &str = "BASELINE_WORKER";
+
+/// Turns a [`crate::route`] answer into the response hyper sends.
+pub fn http_response((status, content_type, body): (u16, &'static str, Vec<u8>)) -> HttpResponse {
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn plain(status: StatusCode, body: &'static str) -> HttpResponse {
+    let mut response = hyper::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(crate::TEXT));
+    response
+}
+
+// ---------------------------------------------------------------- parent
+
+/// Runs the parent: binds `listen`, starts `workers` worker processes,
+/// prints `listening on ADDR` once they all serve, and returns after
+/// SIGTERM or SIGINT (or a worker's death) once every worker is gone.
+pub fn run_parent(listen: SocketAddr, workers: usize) -> Result<()> {
+    if workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    runtime.block_on(parent(listen, workers))
+}
+
+async fn parent(listen: SocketAddr, workers: usize) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+
+    let (mut ready_reader, ready_writer) = std::io::pipe().context("cannot create a pipe")?;
+    let ready_writer = OwnedFd::from(ready_writer);
+    let mut children = Vec::with_capacity(workers);
+    for slot in 0..workers {
+        match spawn_worker(&listener, &ready_writer, slot) {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                stop_workers(&mut children).await;
+                return Err(e);
+            }
+        }
+    }
+    drop(ready_writer);
+    // One byte per worker; EOF early means a worker died before serving.
+    let mut ready = vec![0u8; workers];
+    // A short blocking read: this single-threaded runtime has nothing else
+    // to do meanwhile.
+    if let Err(e) = ready_reader.read_exact(&mut ready) {
+        stop_workers(&mut children).await;
+        bail!("a worker failed to start: {e}");
+    }
+    drop(ready_reader);
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {addr}")?;
+        stdout.flush()?;
+    }
+
+    let mut exits = tokio::task::JoinSet::new();
+    let mut pids = Vec::with_capacity(workers);
+    for mut child in children {
+        let pid = child.id();
+        pids.push(pid);
+        exits.spawn(async move { (pid, child.wait().await) });
+    }
+    let outcome = tokio::select! {
+        _ = sigterm.recv() => Ok(()),
+        _ = sigint.recv() => Ok(()),
+        Some(exit) = exits.join_next() => {
+            let (pid, status) = exit.context("worker wait task")?;
+            Err(anyhow::anyhow!("worker pid {pid:?} exited unexpectedly: {status:?}"))
+        }
+    };
+    for pid in pids.into_iter().flatten() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    // Workers die on SIGTERM at once; reap them, bounded.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while exits.join_next().await.is_some() {}
+    })
+    .await;
+    exits.abort_all();
+    outcome
+}
+
+/// Binds a listener with host's settings: SO_REUSEADDR, backlog 1024.
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(1024)?.into_std()?)
+}
+
+fn spawn_worker(
+    listener: &std::net::TcpListener,
+    ready: &OwnedFd,
+    slot: usize,
+) -> Result<tokio::process::Child> {
+    let listener: OwnedFd = listener
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot duplicate the listener")?;
+    let ready = ready
+        .try_clone()
+        .context("cannot duplicate the ready pipe")?;
+    let parent_pid = nix::unistd::getpid();
+    let mut command = tokio::process::Command::new("/proc/self/exe");
+    command
+        .arg0(format!("baseline-server: worker {slot}"))
+        .arg("worker")
+        .env(WORKER_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
+        .fd_mappings(vec![
+            FdMapping {
+                parent_fd: listener,
+                child_fd: LISTENER_FD,
+            },
+            FdMapping {
+                parent_fd: ready,
+                child_fd: READY_FD,
+            },
+        ])
+        .context("worker fd mapping")?;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            // The parent may have died between fork and prctl.
+            if nix::unistd::getppid() != parent_pid {
+                return Err(std::io::Error::other("parent gone"));
+            }
+            Ok(())
+        });
+    }
+    command.spawn().context("cannot start a worker process")
+}
+
+async fn stop_workers(children: &mut Vec<tokio::process::Child>) {
+    for child in children.iter_mut() {
+        let _ = child.start_kill();
+    }
+    for child in children.iter_mut() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    }
+    children.clear();
+}
+
+// ---------------------------------------------------------------- worker
+
+/// Runs a worker process: serves the inherited listener until killed.
+pub fn run_worker() -> Result<()> {
+    if std::env::var_os(WORKER_ENV).is_none() {
+        bail!("`baseline-server worker` is started by baseline-server itself, not by hand");
+    }
+    // SAFETY: the parent mapped these descriptors for this process only.
+    let (listener, ready) = unsafe {
+        (
+            std::net::TcpListener::from_raw_fd(LISTENER_FD),
+            std::fs::File::from_raw_fd(READY_FD),
+        )
+    };
+    listener
+        .set_nonblocking(true)
+        .context("cannot set the listener non-blocking")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .context("cannot use the inherited listener")?;
+        let mut ready = ready;
+        ready.write_all(b"r").context("cannot report ready")?;
+        drop(ready);
+        accept_loop(listener, std::process::id()).await;
+        Ok(())
+    })
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, pid: u32) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_connection(stream, pid));
+            }
+            Err(_) => {
+                // EMFILE and friends: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, pid: u32) {
+    let service =
+        service_fn(move |req| async move { Ok::<_, Infallible>(respond(req, pid).await) });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(stream), service);
+    // Errors (resets, timeouts) end the connection; nothing to report.
+    let _ = conn.await;
+}
+
+async fn respond(req: hyper::Request<Incoming>, pid: u32) -> HttpResponse {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+        }
+        Err(_) => return plain(StatusCode::BAD_REQUEST, "cannot read request body\n"),
+    };
+    http_response(crate::route(
+        parts.method.as_str(),
+        parts.uri.path(),
+        parts.uri.query().unwrap_or(""),
+        &body,
+        pid,
+    ))
+}
