@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, RunDir};
 use crate::protocol::control::{ControlReply, ControlRequest};
 use crate::protocol::worker::FromWorker;
+pub use spawn::POOL_THREADS_ENV;
 use store::HandlerStore;
 use supervisor::{Master, WorkerId};
 

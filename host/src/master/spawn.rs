@@ -16,6 +16,9 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use crate::counters::SharedCounters;
 
+/// The environment variable carrying a worker's pool size.
+pub const POOL_THREADS_ENV: &str = "HOST_POOL_THREADS";
+
 /// A freshly spawned worker, before it reports anything.
 pub struct Spawned {
     /// The process.
@@ -29,7 +32,13 @@ pub struct Spawned {
 }
 
 /// Starts `host worker` for one slot, handing it the group's listener.
-pub fn spawn_worker(listener: &std::net::TcpListener, label: &str) -> Result<Spawned> {
+/// `pool_threads` sizes the worker's handler-call pool; it is passed in the
+/// environment because the worker builds its runtime before it reads its spec.
+pub fn spawn_worker(
+    listener: &std::net::TcpListener,
+    label: &str,
+    pool_threads: usize,
+) -> Result<Spawned> {
     let listener: OwnedFd = listener
         .as_fd()
         .try_clone_to_owned()
@@ -44,6 +53,7 @@ pub fn spawn_worker(listener: &std::net::TcpListener, label: &str) -> Result<Spa
         .arg("worker")
         .env("LISTEN_FDS", "1")
         .env("LD_BIND_NOW", "1")
+        .env(POOL_THREADS_ENV, pool_threads.to_string())
         // systemd talks to the master only.
         .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null())

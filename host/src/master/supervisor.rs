@@ -298,7 +298,7 @@ impl Master {
     ) -> Result<WorkerId> {
         let config = &self.groups[group].config;
         let label = format!("{}/{}", config.name, slot);
-        let spawned = spawn_worker(&self.groups[group].listener, &label)?;
+        let spawned = spawn_worker(&self.groups[group].listener, &label, config.pool_threads)?;
         let id = WorkerId(self.next_id);
         self.next_id += 1;
         let spec = WorkerSpec {

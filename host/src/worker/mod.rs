@@ -53,7 +53,7 @@ pub fn run() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .max_blocking_threads(64)
+        .max_blocking_threads(pool_threads())
         .build()
     {
         Ok(runtime) => runtime,
@@ -85,6 +85,15 @@ pub fn inspect(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The group's `pool_threads`, set by the master for `dispatch = "pool"`.
+fn pool_threads() -> usize {
+    std::env::var(crate::master::POOL_THREADS_ENV)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(4)
 }
 
 async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result<()> {
