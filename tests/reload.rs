@@ -4,23 +4,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::process::Output;
 
-use loadgen::{LoadConfig, LoadReport, LoadRun};
+use loadgen::{LoadReport, LoadRun};
 use nix::sys::signal::Signal;
 use support::*;
-
-/// Keep-alive load: dozens of connections sending back-to-back requests.
-fn steady_load(addr: SocketAddr) -> LoadRun {
-    let mut config = LoadConfig::new(addr);
-    config.connections = 32;
-    config.path = "/version".into();
-    config.duration = std::time::Duration::from_secs(300);
-    let run = LoadRun::start(config);
-    wait_until("load is flowing", || run.progress().0 > 100);
-    run
-}
 
 fn finish(run: LoadRun) -> LoadReport {
     let report = run.stop();
@@ -74,7 +62,7 @@ fn reload_in_background(host: &Host) -> std::thread::JoinHandle<Output> {
 #[test]
 fn reloads_under_keepalive_load_fail_no_request() {
     let host = start_with("rolling", Variant::SampleV1, 4, "");
-    let load = steady_load(host.addr);
+    let load = steady_load(host.addr, 32);
     let mut expected = "v1";
     for round in 0..4 {
         let (variant, version) = if round % 2 == 0 {
@@ -113,7 +101,7 @@ fn assert_bad_build_refused(name: &str, install_bad: impl FnOnce(&TestDir), expe
     let host = start_with(name, Variant::SampleV1, 2, "start_timeout = \"3s\"");
     let pids = host.worker_pids();
     let version = group_version(&host);
-    let load = steady_load(host.addr);
+    let load = steady_load(host.addr, 32);
 
     install_bad(&host.dir);
     let output = reload(&host);
@@ -237,7 +225,7 @@ fn a_failed_reload_puts_back_workers_already_replaced() {
     // The faulty build starts on slot 0 and fails on slot 1: slot 0 is
     // replaced first, then has to get v1 back.
     let host = start_with("rollback", Variant::SampleV1, 2, "");
-    let load = steady_load(host.addr);
+    let load = steady_load(host.addr, 32);
     host.dir
         .install(Variant::Faulty("error-on-slot-1"), "handler.so");
     let output = reload(&host);

@@ -5,7 +5,6 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 
-use loadgen::{LoadConfig, LoadRun};
 use serde_json::Value;
 use support::*;
 
@@ -90,12 +89,7 @@ fn pin_reload_to_and_rollback_switch_versions_without_failed_requests() {
     let handler = dir.install(Variant::SampleV1, "handler.so");
     let v2 = dir.install(Variant::SampleV2, "v2.so");
     let host = Host::start(dir, &one_group_config(&handler, 2, ""));
-    let mut load_config = LoadConfig::new(host.addr);
-    load_config.connections = 16;
-    load_config.path = "/version".into();
-    load_config.duration = std::time::Duration::from_secs(300);
-    let load = LoadRun::start(load_config);
-    wait_until("load is flowing", || load.progress().0 > 100);
+    let load = steady_load(host.addr, 16);
 
     cli_ok(
         &host.dir,

@@ -3,7 +3,6 @@
 
 mod support;
 
-use loadgen::{LoadConfig, LoadRun};
 use support::*;
 
 fn start_watching(name: &str) -> Host {
@@ -11,16 +10,6 @@ fn start_watching(name: &str) -> Host {
     let handler = dir.install(Variant::SampleV1, "handler.so");
     let config = format!("watch = true\n{}", one_group_config(&handler, 2, ""));
     Host::start(dir, &config)
-}
-
-fn load(host: &Host) -> LoadRun {
-    let mut config = LoadConfig::new(host.addr);
-    config.connections = 16;
-    config.path = "/version".into();
-    config.duration = std::time::Duration::from_secs(300);
-    let run = LoadRun::start(config);
-    wait_until("load is flowing", || run.progress().0 > 100);
-    run
 }
 
 fn wait_serving(host: &Host, version: &str) {
@@ -39,7 +28,7 @@ fn wait_serving(host: &Host, version: &str) {
 #[test]
 fn a_rebuild_is_picked_up_without_a_failed_request() {
     let host = start_watching("rebuild");
-    let run = load(&host);
+    let run = steady_load(host.addr, 16);
     host.dir.install(Variant::SampleV2, "handler.so");
     wait_serving(&host, "v2");
     assert_eq!(get(host.addr, "/version").body, "v2");
@@ -69,7 +58,7 @@ fn a_burst_of_rebuilds_is_one_reload_of_the_last() {
 #[test]
 fn a_broken_build_keeps_the_current_version_and_the_next_good_one_reloads() {
     let host = start_watching("broken");
-    let run = load(&host);
+    let run = steady_load(host.addr, 16);
     let pids = host.worker_pids();
     host.dir.install(Variant::Faulty("panic"), "handler.so");
     wait_until("the broken build is refused", || {

@@ -402,6 +402,18 @@ pub fn assert_all_serve(host: &Host, version: &str) {
     }
 }
 
+/// Keep-alive load on `/version`: `connections` connections sending
+/// back-to-back requests until stopped; returns once requests are flowing.
+pub fn steady_load(addr: SocketAddr, connections: usize) -> loadgen::LoadRun {
+    let mut config = loadgen::LoadConfig::new(addr);
+    config.connections = connections;
+    config.path = "/version".into();
+    config.duration = Duration::from_secs(300);
+    let run = loadgen::LoadRun::start(config);
+    wait_until("load is flowing", || run.progress().0 > 100);
+    run
+}
+
 /// Sends a signal to a process.
 pub fn kill(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
