@@ -311,16 +311,7 @@ fn sighup_and_sigusr1_reload_too() {
     ] {
         host.dir.install(variant, "handler.so");
         host.signal(signal);
-        wait_until("the signal's reload is done", || {
-            let status = host.try_status();
-            status["reloading"] == false
-                && status["workers"].as_array().is_some_and(|workers| {
-                    workers.len() == 2
-                        && workers
-                            .iter()
-                            .all(|w| w["handler_version"] == version && w["state"] == "ready")
-                })
-        });
+        wait_serving(&host, version);
         assert_all_serve(&host, version);
     }
 }

@@ -12,19 +12,6 @@ fn start_watching(name: &str) -> Host {
     Host::start(dir, &config)
 }
 
-fn wait_serving(host: &Host, version: &str) {
-    wait_until(&format!("every worker serves {version}"), || {
-        let status = host.try_status();
-        status["reloading"] == false
-            && status["workers"].as_array().is_some_and(|workers| {
-                workers.len() == 2
-                    && workers
-                        .iter()
-                        .all(|w| w["state"] == "ready" && w["handler_version"] == version)
-            })
-    });
-}
-
 #[test]
 fn a_rebuild_is_picked_up_without_a_failed_request() {
     let host = start_watching("rebuild");

@@ -390,6 +390,24 @@ impl Drop for Host {
     }
 }
 
+/// Waits until no reload runs and every worker (as many as the groups'
+/// counts) is ready on `version`.
+pub fn wait_serving(host: &Host, version: &str) {
+    wait_until(&format!("every worker serves {version}"), || {
+        let status = host.try_status();
+        let wanted: u64 = status["groups"].as_array().map_or(0, |groups| {
+            groups.iter().map(|g| g["count"].as_u64().unwrap()).sum()
+        });
+        status["reloading"] == false
+            && status["workers"].as_array().is_some_and(|workers| {
+                workers.len() as u64 == wanted
+                    && workers
+                        .iter()
+                        .all(|w| w["state"] == "ready" && w["handler_version"] == version)
+            })
+    });
+}
+
 /// Every worker is ready and answers with `version`, on fresh connections.
 pub fn assert_all_serve(host: &Host, version: &str) {
     let status = host.status();

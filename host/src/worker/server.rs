@@ -194,7 +194,7 @@ impl Server {
     ) -> HttpResponse {
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         connection.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut response = self.clone().answer(req, connection.peer.clone()).await;
+        let mut response = self.answer(req, connection.peer.clone()).await;
         connection.in_flight.fetch_sub(1, Ordering::Relaxed);
         connection.requests.fetch_add(1, Ordering::Relaxed);
         if self.draining.load(Ordering::Relaxed) {
@@ -207,11 +207,7 @@ impl Server {
         response
     }
 
-    async fn answer(
-        self: Arc<Self>,
-        req: hyper::Request<Incoming>,
-        peer: Arc<str>,
-    ) -> HttpResponse {
+    async fn answer(&self, req: hyper::Request<Incoming>, peer: Arc<str>) -> HttpResponse {
         let (parts, body) = req.into_parts();
         let body = match Limited::new(body, self.max_body_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
