@@ -40,6 +40,9 @@ const LISTENER_FD: i32 = 3;
 const READY_FD: i32 = 4;
 /// Set for the worker processes only; `worker` refuses to run without it.
 const WORKER_ENV: &str = "BASELINE_WORKER";
+/// As host's `HOST_WORKER_WRAPPER`: a command that runs each worker (for
+/// `scripts/profile`).
+const WORKER_WRAPPER_ENV: &str = "BASELINE_WORKER_WRAPPER";
 
 /// Turns a [`crate::route`] answer into the response hyper sends.
 pub fn http_response((status, content_type, body): (u16, &'static str, Vec<u8>)) -> HttpResponse {
@@ -163,9 +166,21 @@ fn spawn_worker(
         .try_clone()
         .context("cannot duplicate the ready pipe")?;
     let parent_pid = nix::unistd::getpid();
-    let mut command = tokio::process::Command::new("/proc/self/exe");
+    let mut command = match std::env::var(WORKER_WRAPPER_ENV) {
+        Ok(wrapper) if !wrapper.trim().is_empty() => {
+            let mut words = wrapper.split_whitespace();
+            let mut command = tokio::process::Command::new(words.next().unwrap_or_default());
+            // The wrapper's own /proc/self/exe would be the wrapper.
+            command.args(words).arg(format!("/proc/{parent_pid}/exe"));
+            command
+        }
+        _ => {
+            let mut command = tokio::process::Command::new("/proc/self/exe");
+            command.arg0(format!("baseline-server: worker {slot}"));
+            command
+        }
+    };
     command
-        .arg0(format!("baseline-server: worker {slot}"))
         .arg("worker")
         .env(WORKER_ENV, "1")
         .stdin(std::process::Stdio::null())

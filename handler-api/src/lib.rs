@@ -60,7 +60,7 @@ pub use abi_stable;
 pub use context::{Context, Level, LogFn, Logger, Setting, StartContext};
 pub use module::{HandlerInfo, HandlerModule, HandlerModuleRef};
 pub use request::{Header, Request};
-pub use response::{Response, ResponseHeader};
+pub use response::{Response, ResponseHeader, TEXT_PLAIN};
 
 /// What a handler author implements.
 ///

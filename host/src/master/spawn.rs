@@ -19,6 +19,11 @@ use crate::counters::SharedCounters;
 /// The environment variable carrying a worker's pool size.
 pub const POOL_THREADS_ENV: &str = "HOST_POOL_THREADS";
 
+/// For profilers: a command, split on whitespace, that runs each worker
+/// (`HOST_WORKER_WRAPPER="valgrind --tool=callgrind"`, see
+/// `scripts/profile`). Read from the master's environment at each spawn.
+pub const WORKER_WRAPPER_ENV: &str = "HOST_WORKER_WRAPPER";
+
 /// A freshly spawned worker, before it reports anything.
 pub struct Spawned {
     /// The process.
@@ -47,9 +52,21 @@ pub fn spawn_worker(
     let (counters, counters_fd) = SharedCounters::create()?;
     let master_pid = nix::unistd::getpid();
 
-    let mut command = tokio::process::Command::new("/proc/self/exe");
+    let mut command = match std::env::var(WORKER_WRAPPER_ENV) {
+        Ok(wrapper) if !wrapper.trim().is_empty() => {
+            let mut words = wrapper.split_whitespace();
+            let mut command = tokio::process::Command::new(words.next().unwrap_or_default());
+            // The wrapper's own /proc/self/exe would be the wrapper.
+            command.args(words).arg(format!("/proc/{master_pid}/exe"));
+            command
+        }
+        _ => {
+            let mut command = tokio::process::Command::new("/proc/self/exe");
+            command.arg0(format!("host: worker {label}"));
+            command
+        }
+    };
     command
-        .arg0(format!("host: worker {label}"))
         .arg("worker")
         .env("LISTEN_FDS", "1")
         .env("LD_BIND_NOW", "1")

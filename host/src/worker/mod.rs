@@ -11,6 +11,7 @@
 //! the worker exits non-zero. The worker leaves when the master says so,
 //! when its channel closes (the master is gone) or on SIGTERM.
 
+pub mod abi;
 mod loader;
 mod server;
 

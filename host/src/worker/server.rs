@@ -12,30 +12,29 @@
 //! The worker exits as soon as its last connection is gone, which under load
 //! is one response time after the drain began, not a fixed period.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use handler_api::{HandlerModuleRef, Header, Request};
-use http_body_util::{BodyExt, Full, Limited};
+use handler_api::HandlerModuleRef;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::StatusCode;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use slab::Slab;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
+use super::abi::{call_handler, plain, HttpResponse};
 use crate::config::Dispatch;
 use crate::counters::SharedCounters;
 use crate::protocol::worker::ConnectionInfo;
-
-type HttpResponse = hyper::Response<Full<Bytes>>;
 
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,19 +49,23 @@ pub struct Server {
     draining: AtomicBool,
     close_idle: watch::Sender<bool>,
     stop_accepting: watch::Sender<bool>,
-    open_connections: watch::Sender<usize>,
+    /// Connections not yet closed; `all_closed` is notified when it drops
+    /// to zero while draining (nobody else waits for it).
+    open: AtomicUsize,
+    all_closed: Notify,
     /// Every open connection, for `host connections`.
-    connections: Mutex<HashMap<u64, Arc<Connection>>>,
-    next_connection: AtomicU64,
+    connections: Mutex<Slab<Arc<Connection>>>,
 }
 
-/// What `host connections` shows of one connection; updated with atomics
-/// on the request path, read rarely.
+/// One connection: what its requests need, and what `host connections`
+/// shows of it (written by the connection's own task, read rarely).
 struct Connection {
-    peer: Arc<str>,
+    server: Arc<Server>,
+    peer: PeerAddr,
     opened: Instant,
     requests: AtomicU64,
-    in_flight: AtomicU64,
+    /// A request is being answered (HTTP/1: at most one at a time).
+    busy: AtomicBool,
 }
 
 /// Server limits and dispatch mode.
@@ -91,9 +94,9 @@ impl Server {
             draining: AtomicBool::new(false),
             close_idle: watch::channel(false).0,
             stop_accepting: watch::channel(false).0,
-            open_connections: watch::channel(0).0,
-            connections: Mutex::new(HashMap::new()),
-            next_connection: AtomicU64::new(0),
+            open: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+            connections: Mutex::new(Slab::new()),
         })
     }
 
@@ -126,21 +129,19 @@ impl Server {
     }
 
     async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
-        self.open_connections.send_modify(|n| *n += 1);
+        self.open.fetch_add(1, Ordering::SeqCst);
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         let connection = Arc::new(Connection {
-            peer: peer.to_string().into(),
+            server: self.clone(),
+            peer: PeerAddr::new(peer),
             opened: Instant::now(),
             requests: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
         });
-        let key = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        self.registry().insert(key, connection.clone());
-        let server = self.clone();
+        let key = self.registry().insert(connection.clone());
         let service = service_fn(move |req| {
-            let server = server.clone();
             let connection = connection.clone();
-            async move { Ok::<_, Infallible>(server.respond(req, &connection).await) }
+            async move { Ok::<_, Infallible>(connection.respond(req).await) }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -156,12 +157,14 @@ impl Server {
                 log_connection_end(conn.await);
             }
         }
-        self.registry().remove(&key);
+        self.registry().try_remove(key);
         self.counters.connections.fetch_sub(1, Ordering::Relaxed);
-        self.open_connections.send_modify(|n| *n -= 1);
+        if self.open.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
+            self.all_closed.notify_waiters();
+        }
     }
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Connection>>> {
+    fn registry(&self) -> std::sync::MutexGuard<'_, Slab<Arc<Connection>>> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -170,10 +173,10 @@ impl Server {
         let closing = self.draining.load(Ordering::Relaxed);
         let mut list: Vec<ConnectionInfo> = self
             .registry()
-            .values()
-            .map(|c| ConnectionInfo {
-                peer: c.peer.to_string(),
-                state: match (c.in_flight.load(Ordering::Relaxed) > 0, closing) {
+            .iter()
+            .map(|(_, c)| ConnectionInfo {
+                peer: c.peer.as_str().to_owned(),
+                state: match (c.busy.load(Ordering::Relaxed), closing) {
                     (true, _) => "active",
                     (false, true) => "closing",
                     (false, false) => "idle",
@@ -187,27 +190,11 @@ impl Server {
         list
     }
 
-    async fn respond(
-        self: Arc<Self>,
+    async fn answer(
+        &self,
         req: hyper::Request<Incoming>,
-        connection: &Connection,
+        connection: &Arc<Connection>,
     ) -> HttpResponse {
-        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        connection.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut response = self.answer(req, connection.peer.clone()).await;
-        connection.in_flight.fetch_sub(1, Ordering::Relaxed);
-        connection.requests.fetch_add(1, Ordering::Relaxed);
-        if self.draining.load(Ordering::Relaxed) {
-            response
-                .headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-        }
-        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.counters.count_response(response.status().as_u16());
-        response
-    }
-
-    async fn answer(&self, req: hyper::Request<Incoming>, peer: Arc<str>) -> HttpResponse {
         let (parts, body) = req.into_parts();
         let body = match Limited::new(body, self.max_body_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -220,14 +207,17 @@ impl Server {
             Err(_) => return plain(StatusCode::BAD_REQUEST, "cannot read request body\n"),
         };
         match self.dispatch {
-            Dispatch::Inline => call_handler(self.handler, &parts, &body, &peer),
+            Dispatch::Inline => call_handler(self.handler, &parts, &body, connection.peer.as_str()),
             Dispatch::Pool => {
                 let handler = self.handler;
-                tokio::task::spawn_blocking(move || call_handler(handler, &parts, &body, &peer))
-                    .await
-                    .unwrap_or_else(|_| {
-                        plain(StatusCode::INTERNAL_SERVER_ERROR, "handler call failed\n")
-                    })
+                let connection = connection.clone();
+                tokio::task::spawn_blocking(move || {
+                    call_handler(handler, &parts, &body, connection.peer.as_str())
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    plain(StatusCode::INTERNAL_SERVER_ERROR, "handler call failed\n")
+                })
             }
         }
     }
@@ -236,26 +226,105 @@ impl Server {
     /// Returns whether every connection closed before `stop_timeout`.
     pub async fn drain(&self, lame_duck: Duration, stop_timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + stop_timeout;
-        self.draining.store(true, Ordering::Relaxed);
+        self.draining.store(true, Ordering::SeqCst);
         self.stop_accepting.send_replace(true);
-        let mut open = self.open_connections.subscribe();
         let lame_duck_end = tokio::time::Instant::now() + lame_duck;
-        let all_closed = |open: &mut watch::Receiver<usize>| {
-            let mut open = open.clone();
-            async move { open.wait_for(|n| *n == 0).await.map(drop) }
-        };
-        let _ = tokio::time::timeout_at(lame_duck_end.min(deadline), all_closed(&mut open)).await;
+        let _ = tokio::time::timeout_at(lame_duck_end.min(deadline), self.all_closed()).await;
         self.close_idle.send_replace(true);
-        tokio::time::timeout_at(deadline, all_closed(&mut open))
+        tokio::time::timeout_at(deadline, self.all_closed())
             .await
             .is_ok()
     }
 
+    /// Resolves once no connection is open; only while draining (see
+    /// `serve_connection`).
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a close in between still wakes us.
+            notified.as_mut().enable();
+            if self.open.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Stops at once: no more accepting, every connection closed.
     pub fn stop_now(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.draining.store(true, Ordering::SeqCst);
         self.stop_accepting.send_replace(true);
         self.close_idle.send_replace(true);
+    }
+}
+
+impl Connection {
+    async fn respond(self: &Arc<Self>, req: hyper::Request<Incoming>) -> HttpResponse {
+        let server = &*self.server;
+        server.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.busy.store(true, Ordering::Relaxed);
+        let mut response = server.answer(req, self).await;
+        self.busy.store(false, Ordering::Relaxed);
+        // Only this connection's task writes it: no read-modify-write needed.
+        let requests = self.requests.load(Ordering::Relaxed);
+        self.requests.store(requests + 1, Ordering::Relaxed);
+        if server.draining.load(Ordering::Relaxed) {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        server.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        server.counters.count_response(response.status().as_u16());
+        response
+    }
+}
+
+/// A client address, formatted once per connection without allocating
+/// (`SocketAddr`'s `Display` costs more than the rest of a connection's
+/// bookkeeping).
+struct PeerAddr {
+    len: usize,
+    text: [u8; PeerAddr::CAPACITY],
+}
+
+impl PeerAddr {
+    /// `[` + the longest IPv6 text (45) + `%` + scope id (10) + `]:` + port (5).
+    const CAPACITY: usize = 64;
+
+    fn new(addr: SocketAddr) -> PeerAddr {
+        let mut peer = PeerAddr {
+            len: 0,
+            text: [0; PeerAddr::CAPACITY],
+        };
+        match addr {
+            SocketAddr::V4(v4) => {
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        peer.push(".");
+                    }
+                    peer.push(itoa::Buffer::new().format(octet));
+                }
+                peer.push(":");
+                peer.push(itoa::Buffer::new().format(v4.port()));
+            }
+            SocketAddr::V6(v6) => {
+                let mut rest = &mut peer.text[..];
+                if write!(rest, "{v6}").is_ok() {
+                    peer.len = PeerAddr::CAPACITY - rest.len();
+                }
+            }
+        }
+        peer
+    }
+
+    fn push(&mut self, s: &str) {
+        self.text[self.len..self.len + s.len()].copy_from_slice(s.as_bytes());
+        self.len += s.len();
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text[..self.len]).unwrap_or("")
     }
 }
 
@@ -265,66 +334,23 @@ fn log_connection_end(result: Result<(), hyper::Error>) {
     }
 }
 
-fn plain(status: StatusCode, body: &'static str) -> HttpResponse {
-    let mut response = hyper::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// One call across the ABI: borrow the request, take ownership of the answer.
-fn call_handler(
-    handler: HandlerModuleRef,
-    parts: &hyper::http::request::Parts,
-    body: &Bytes,
-    peer: &str,
-) -> HttpResponse {
-    let headers: Vec<Header<'_>> = parts
-        .headers
-        .iter()
-        .map(|(name, value)| Header {
-            name: name.as_str().into(),
-            value: value.as_bytes().into(),
-        })
-        .collect();
-    let request = Request {
-        method: parts.method.as_str().into(),
-        path: parts.uri.path().into(),
-        query: parts.uri.query().unwrap_or("").into(),
-        headers: headers.as_slice().into(),
-        body: body.as_ref().into(),
-        peer: peer.into(),
-    };
-    let answer = (handler.handle())(&request);
-    into_http(answer)
-}
-
-fn into_http(answer: handler_api::Response) -> HttpResponse {
-    let Ok(status) = StatusCode::from_u16(answer.status) else {
-        tracing::warn!(status = answer.status, "handler returned an invalid status");
-        return plain(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "handler returned an invalid status\n",
-        );
-    };
-    let mut response = hyper::Response::new(Full::new(Bytes::from_owner(answer.body)));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    for header in answer.headers.iter() {
-        match (
-            HeaderName::from_bytes(header.name.as_bytes()),
-            HeaderValue::from_str(header.value.as_str()),
-        ) {
-            (Ok(name), Ok(value)) => {
-                headers.append(name, value);
-            }
-            _ => {
-                tracing::warn!(header = %header.name, "handler returned an invalid header; dropped")
-            }
+    #[test]
+    fn peer_addresses_print_as_socket_addr_does() {
+        for addr in [
+            "127.0.0.1:8080",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.20.3.4:1",
+            "[::1]:443",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
+            "[::ffff:255.255.255.255]:65535",
+        ] {
+            let parsed: SocketAddr = addr.parse().unwrap();
+            assert_eq!(PeerAddr::new(parsed).as_str(), parsed.to_string(), "{addr}");
         }
     }
-    response
 }

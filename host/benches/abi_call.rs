@@ -3,15 +3,14 @@
 //!
 //! ```sh
 //! cargo build --release -p sample-handler
-//! cargo bench -p baseline --bench abi_call
+//! cargo bench -p host --bench abi_call
 //! ```
 //!
 //! - **abi**: `libsample_handler.so` loaded with abi_stable and started like
-//!   a worker starts it; per call: build the borrowed `handler_api::Request`
-//!   from hyper's request parts (as `host/src/worker/server.rs`
-//!   `call_handler` does), call `handle`, turn the answer into a
-//!   `hyper::Response` (`Bytes::from_owner` body, validated headers, as
-//!   `into_http` does), drop it.
+//!   a worker starts it; per call: `host::abi::call_handler`, the very
+//!   function a worker runs per request (build the borrowed
+//!   `handler_api::Request` from hyper's request parts, call `handle`,
+//!   check the answer and turn it into a `hyper::Response`), then drop it.
 //! - **route**: `baseline::route` + `baseline::server::http_response`, what
 //!   `baseline-server` does per request.
 //!
@@ -31,11 +30,7 @@ use abi_stable::library::RootModule;
 use abi_stable::std_types::{RResult, RStr};
 use bytes::Bytes;
 use handler_api::{HandlerModuleRef, Header, Level, Request, StartContext};
-use http_body_util::Full;
-use hyper::header::{HeaderName, HeaderValue};
-use hyper::StatusCode;
-
-type HttpResponse = hyper::Response<Full<Bytes>>;
+use host::abi::HttpResponse;
 
 extern "C" fn discard_log(_level: Level, _message: RStr<'_>) {}
 
@@ -55,47 +50,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or(default)
-}
-
-/// `host/src/worker/server.rs` `call_handler` + `into_http`, minus logging.
-fn via_abi(
-    handler: HandlerModuleRef,
-    parts: &hyper::http::request::Parts,
-    body: &Bytes,
-    peer: &str,
-) -> HttpResponse {
-    let headers: Vec<Header<'_>> = parts
-        .headers
-        .iter()
-        .map(|(name, value)| Header {
-            name: name.as_str().into(),
-            value: value.as_bytes().into(),
-        })
-        .collect();
-    let request = Request {
-        method: parts.method.as_str().into(),
-        path: parts.uri.path().into(),
-        query: parts.uri.query().unwrap_or("").into(),
-        headers: headers.as_slice().into(),
-        body: body.as_ref().into(),
-        peer: peer.into(),
-    };
-    let answer = (handler.handle())(&request);
-    let Ok(status) = StatusCode::from_u16(answer.status) else {
-        panic!("invalid status {}", answer.status);
-    };
-    let mut response = hyper::Response::new(Full::new(Bytes::from_owner(answer.body)));
-    *response.status_mut() = status;
-    let out = response.headers_mut();
-    for header in answer.headers.iter() {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(header.name.as_bytes()),
-            HeaderValue::from_str(header.value.as_str()),
-        ) {
-            out.append(name, value);
-        }
-    }
-    response
 }
 
 /// What `baseline-server` does per request once the body is collected.
@@ -169,7 +123,7 @@ fn main() {
     let peer: Arc<str> = "127.0.0.1:54321".into();
 
     // Both paths must answer the same thing, or the comparison is moot.
-    let abi = via_abi(handler, &parts, &body, &peer);
+    let abi = host::abi::call_handler(handler, &parts, &body, &peer);
     let direct = via_route(&parts, &body, pid);
     assert_eq!(abi.status(), direct.status());
     assert_eq!(abi.headers(), direct.headers());
@@ -202,7 +156,7 @@ fn main() {
             (
                 0,
                 Box::new(|| {
-                    black_box(via_abi(
+                    black_box(host::abi::call_handler(
                         black_box(handler),
                         black_box(&parts),
                         black_box(&body),

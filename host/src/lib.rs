@@ -1,0 +1,46 @@
+//! `host`: a master process supervising worker processes that serve HTTP
+//! through a handler library loaded at worker start.
+//!
+//! - `cli`: the commands; `config`: the config file;
+//! - `master/`: supervisor, reload, control socket, handler store;
+//! - `worker/`: handler loader, HTTP server, drain;
+//! - `protocol/`: messages between CLI, master and workers;
+//! - `counters`: per-worker counters in shared memory.
+//!
+//! The binary is [`main`]; the library exists so the ABI benchmark can
+//! measure the very call a worker makes ([`abi`]).
+
+mod cli;
+mod config;
+mod counters;
+mod logfile;
+mod master;
+mod protocol;
+mod worker;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub use worker::abi;
+
+/// The `host` command.
+pub fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let json = cli.log_format == cli::LogFormat::Json;
+    // Workers inherit the choice through the environment.
+    std::env::set_var(logfile::LOG_FORMAT_ENV, if json { "json" } else { "text" });
+    logfile::init(json);
+    match cli.command {
+        cli::Command::Worker => return worker::run(),
+        cli::Command::Inspect { file } => return worker::inspect(&file),
+        _ => {}
+    }
+    match cli::run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("host: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
