@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
@@ -270,19 +268,7 @@ fn connections_lists_each_open_connection() {
     let host = Host::start(dir, &config);
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let mut stream = TcpStream::connect(host.addr).unwrap();
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        stream
-            .write_all(format!("GET /version HTTP/1.1\r\nHost: {}\r\n\r\n", host.addr).as_bytes())
-            .unwrap();
-        let mut buf = [0u8; 512];
-        let mut got = Vec::new();
-        while !String::from_utf8_lossy(&got).ends_with("v1") {
-            let n = stream.read(&mut buf).unwrap();
-            assert!(n > 0, "connection closed");
-            got.extend_from_slice(&buf[..n]);
-        }
-        clients.push(stream);
+        clients.push(idle_connection(host.addr, "/version", "v1"));
     }
     let output = host.cli(&["connections", "--json"]);
     assert!(output.status.success(), "{}", text(&output));

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::io::Read as _;
 use std::process::Output;
 
 use loadgen::{LoadReport, LoadRun};
@@ -249,6 +250,37 @@ fn a_slow_request_in_flight_completes_across_a_reload() {
     let reply = slow.join().unwrap();
     assert_eq!((reply.status, reply.body.as_str()), (200, "slept 2000 ms"));
     assert_all_serve(&host, "v2");
+}
+
+#[test]
+fn idle_keepalive_clients_do_not_hold_a_reload_back() {
+    // A worker that kept waiting for its idle clients would sit out the
+    // 20 s stop timeout (shorter than hyper's 30 s wait for a next request
+    // head) and be reported killed.
+    let host = start_with(
+        "idle",
+        Variant::SampleV1,
+        1,
+        "stop_timeout = \"20s\"\nlame_duck = \"200ms\"",
+    );
+    let old = host.worker_pids();
+    let mut idle: Vec<_> = (0..3)
+        .map(|_| idle_connection(host.addr, "/version", "v1"))
+        .collect();
+    let output = reload(&host);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(!text(&output).contains("killed"), "{}", text(&output));
+    for stream in &mut idle {
+        let mut rest = Vec::new();
+        stream
+            .read_to_end(&mut rest)
+            .expect("the old worker closes an idle connection, not resets it");
+        assert!(rest.is_empty(), "unexpected bytes: {rest:?}");
+    }
+    wait_until("the old worker is gone", || {
+        old.iter().all(|&pid| !alive(pid))
+    });
+    assert_all_serve(&host, "v1");
 }
 
 #[test]

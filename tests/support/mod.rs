@@ -484,6 +484,24 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> std::
     })
 }
 
+/// A keep-alive connection that has had one `GET path` answered with a
+/// body ending in `expect`, and stays open (idle).
+pub fn idle_connection(addr: SocketAddr, path: &str, expect: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).ends_with(expect) {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the answer: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    stream
+}
+
 /// `GET path`, expecting an answer.
 pub fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, "GET", path, b"").unwrap_or_else(|e| panic!("GET {path} failed: {e}"))

@@ -13,12 +13,14 @@
 //! is one response time after the drain began, not a fixed period.
 
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use handler_api::HandlerModuleRef;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -47,7 +49,9 @@ pub struct Server {
     max_body_bytes: usize,
     max_header_bytes: usize,
     draining: AtomicBool,
-    close_idle: watch::Sender<bool>,
+    /// Set when the connections left must close (gracefully: in-flight
+    /// requests finish); each connection's waker is then woken.
+    close_idle: AtomicBool,
     stop_accepting: watch::Sender<bool>,
     /// Connections not yet closed; `all_closed` is notified when it drops
     /// to zero while draining (nobody else waits for it).
@@ -66,6 +70,8 @@ struct Connection {
     requests: AtomicU64,
     /// A request is being answered (HTTP/1: at most one at a time).
     busy: AtomicBool,
+    /// The connection task's waker, for `close_idle`.
+    waker: AtomicWaker,
 }
 
 /// Server limits and dispatch mode.
@@ -92,7 +98,7 @@ impl Server {
             max_body_bytes: options.max_body_bytes,
             max_header_bytes: options.max_header_bytes.max(8192),
             draining: AtomicBool::new(false),
-            close_idle: watch::channel(false).0,
+            close_idle: AtomicBool::new(false),
             stop_accepting: watch::channel(false).0,
             open: AtomicUsize::new(0),
             all_closed: Notify::new(),
@@ -137,26 +143,40 @@ impl Server {
             opened: Instant::now(),
             requests: AtomicU64::new(0),
             busy: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         });
         let key = self.registry().insert(connection.clone());
-        let service = service_fn(move |req| {
+        let service = {
             let connection = connection.clone();
-            async move { Ok::<_, Infallible>(connection.respond(req).await) }
-        });
+            service_fn(move |req| {
+                let connection = connection.clone();
+                async move { Ok::<_, Infallible>(connection.respond(req).await) }
+            })
+        };
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(self.max_header_bytes)
             .serve_connection(TokioIo::new(stream), service);
         tokio::pin!(conn);
-        let mut close_idle = self.close_idle.subscribe();
-        tokio::select! {
-            result = conn.as_mut() => log_connection_end(result),
-            _ = async { close_idle.wait_for(|c| *c).await.map(drop) } => {
-                conn.as_mut().graceful_shutdown();
-                log_connection_end(conn.await);
+        // Not a select! on a channel: that would be polled on every wake-up
+        // of the connection (every request); registering the waker and
+        // reading a flag is an order of magnitude cheaper.
+        let mut closing = false;
+        let result = std::future::poll_fn(|cx| {
+            if !closing {
+                // Registered before the check: `close_connections` sets
+                // the flag first, then wakes.
+                connection.waker.register(cx.waker());
+                if self.close_idle.load(Ordering::SeqCst) {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
-        }
+            conn.as_mut().poll(cx)
+        })
+        .await;
+        log_connection_end(result);
         self.registry().try_remove(key);
         self.counters.connections.fetch_sub(1, Ordering::Relaxed);
         if self.open.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
@@ -230,7 +250,7 @@ impl Server {
         self.stop_accepting.send_replace(true);
         let lame_duck_end = tokio::time::Instant::now() + lame_duck;
         let _ = tokio::time::timeout_at(lame_duck_end.min(deadline), self.all_closed()).await;
-        self.close_idle.send_replace(true);
+        self.close_connections();
         tokio::time::timeout_at(deadline, self.all_closed())
             .await
             .is_ok()
@@ -255,7 +275,15 @@ impl Server {
     pub fn stop_now(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.stop_accepting.send_replace(true);
-        self.close_idle.send_replace(true);
+        self.close_connections();
+    }
+
+    /// Asks every connection to close once its in-flight request is answered.
+    fn close_connections(&self) {
+        self.close_idle.store(true, Ordering::SeqCst);
+        for (_, connection) in self.registry().iter() {
+            connection.waker.wake();
+        }
     }
 }
 
