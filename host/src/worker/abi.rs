@@ -31,14 +31,13 @@ pub fn call_handler(
     body: &Bytes,
     peer: &str,
 ) -> HttpResponse {
-    let headers: SmallVec<[Header<'_>; 16]> = parts
-        .headers
-        .iter()
-        .map(|(name, value)| Header {
-            name: name.as_str().into(),
-            value: value.as_bytes().into(),
-        })
-        .collect();
+    // On the stack for up to 16 headers; filled in place (a `collect` would
+    // move the whole array).
+    let mut headers = SmallVec::<[Header<'_>; 16]>::new();
+    headers.extend(parts.headers.iter().map(|(name, value)| Header {
+        name: name.as_str().into(),
+        value: value.as_bytes().into(),
+    }));
     let request = Request {
         method: parts.method.as_str().into(),
         path: parts.uri.path().into(),

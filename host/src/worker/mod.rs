@@ -13,6 +13,7 @@
 
 pub mod abi;
 mod loader;
+mod peer;
 mod server;
 
 use std::os::fd::{FromRawFd, OwnedFd};

@@ -14,10 +14,10 @@
 
 use std::convert::Infallible;
 use std::future::Future as _;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
@@ -31,9 +31,10 @@ use hyper::StatusCode;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use slab::Slab;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use super::abi::{call_handler, plain, HttpResponse};
+use super::peer::PeerAddr;
 use crate::config::Dispatch;
 use crate::counters::SharedCounters;
 use crate::protocol::worker::ConnectionInfo;
@@ -52,7 +53,9 @@ pub struct Server {
     /// Set when the connections left must close (gracefully: in-flight
     /// requests finish); each connection's waker is then woken.
     close_idle: AtomicBool,
-    stop_accepting: watch::Sender<bool>,
+    /// Set when the drain begins; `accept_waker` is then woken.
+    stop_accepting: AtomicBool,
+    accept_waker: AtomicWaker,
     /// Connections not yet closed; `all_closed` is notified when it drops
     /// to zero while draining (nobody else waits for it).
     open: AtomicUsize,
@@ -99,7 +102,8 @@ impl Server {
             max_header_bytes: options.max_header_bytes.max(8192),
             draining: AtomicBool::new(false),
             close_idle: AtomicBool::new(false),
-            stop_accepting: watch::channel(false).0,
+            stop_accepting: AtomicBool::new(false),
+            accept_waker: AtomicWaker::new(),
             open: AtomicUsize::new(0),
             all_closed: Notify::new(),
             connections: Mutex::new(Slab::new()),
@@ -113,22 +117,28 @@ impl Server {
 
     /// Accepts connections until the drain begins.
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
-        let mut stop = self.stop_accepting.subscribe();
         loop {
-            tokio::select! {
-                biased;
-                _ = async { stop.wait_for(|s| *s).await.map(drop) } => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        tokio::spawn(self.clone().serve_connection(stream, peer));
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
+            // A flag and a waker rather than a select! on a channel: no
+            // future to build and poll per accepted connection.
+            let accepted = std::future::poll_fn(|cx| {
+                self.accept_waker.register(cx.waker());
+                if self.stop_accepting.load(Ordering::SeqCst) {
+                    return Poll::Ready(None);
+                }
+                listener.poll_accept(cx).map(Some)
+            })
+            .await;
+            match accepted {
+                None => break,
+                Some(Ok((stream, peer))) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(self.clone().serve_connection(stream, peer));
+                }
+                Some(Err(e)) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
         tracing::debug!("stopped accepting");
@@ -247,7 +257,7 @@ impl Server {
     pub async fn drain(&self, lame_duck: Duration, stop_timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + stop_timeout;
         self.draining.store(true, Ordering::SeqCst);
-        self.stop_accepting.send_replace(true);
+        self.stop_accept();
         let lame_duck_end = tokio::time::Instant::now() + lame_duck;
         let _ = tokio::time::timeout_at(lame_duck_end.min(deadline), self.all_closed()).await;
         self.close_connections();
@@ -274,8 +284,15 @@ impl Server {
     /// Stops at once: no more accepting, every connection closed.
     pub fn stop_now(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        self.stop_accepting.send_replace(true);
+        self.stop_accept();
         self.close_connections();
+    }
+
+    /// Stops the accept loop; the listening socket stays open for the
+    /// other workers.
+    fn stop_accept(&self) {
+        self.stop_accepting.store(true, Ordering::SeqCst);
+        self.accept_waker.wake();
     }
 
     /// Asks every connection to close once its in-flight request is answered.
@@ -308,77 +325,8 @@ impl Connection {
     }
 }
 
-/// A client address, formatted once per connection without allocating
-/// (`SocketAddr`'s `Display` costs more than the rest of a connection's
-/// bookkeeping).
-struct PeerAddr {
-    len: usize,
-    text: [u8; PeerAddr::CAPACITY],
-}
-
-impl PeerAddr {
-    /// `[` + the longest IPv6 text (45) + `%` + scope id (10) + `]:` + port (5).
-    const CAPACITY: usize = 64;
-
-    fn new(addr: SocketAddr) -> PeerAddr {
-        let mut peer = PeerAddr {
-            len: 0,
-            text: [0; PeerAddr::CAPACITY],
-        };
-        match addr {
-            SocketAddr::V4(v4) => {
-                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                    if i > 0 {
-                        peer.push(".");
-                    }
-                    peer.push(itoa::Buffer::new().format(octet));
-                }
-                peer.push(":");
-                peer.push(itoa::Buffer::new().format(v4.port()));
-            }
-            SocketAddr::V6(v6) => {
-                let mut rest = &mut peer.text[..];
-                if write!(rest, "{v6}").is_ok() {
-                    peer.len = PeerAddr::CAPACITY - rest.len();
-                }
-            }
-        }
-        peer
-    }
-
-    fn push(&mut self, s: &str) {
-        self.text[self.len..self.len + s.len()].copy_from_slice(s.as_bytes());
-        self.len += s.len();
-    }
-
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.text[..self.len]).unwrap_or("")
-    }
-}
-
 fn log_connection_end(result: Result<(), hyper::Error>) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peer_addresses_print_as_socket_addr_does() {
-        for addr in [
-            "127.0.0.1:8080",
-            "0.0.0.0:0",
-            "255.255.255.255:65535",
-            "10.20.3.4:1",
-            "[::1]:443",
-            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
-            "[::ffff:255.255.255.255]:65535",
-        ] {
-            let parsed: SocketAddr = addr.parse().unwrap();
-            assert_eq!(PeerAddr::new(parsed).as_str(), parsed.to_string(), "{addr}");
-        }
     }
 }
