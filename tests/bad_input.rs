@@ -132,6 +132,20 @@ fn start_with_a_library_that_is_not_a_handler_fails_cleanly() {
 }
 
 #[test]
+fn start_with_a_handler_built_against_another_api_version_fails_cleanly() {
+    let (dir, config) = dir_with("other-api", Variant::OtherApiVersion, "");
+    let versions = format!(
+        "expected {}, found {OTHER_API_VERSION}",
+        handler_api_version()
+    );
+    assert_start_fails(
+        &config,
+        dir,
+        &["handler.so", "incompatible handler-api", &versions],
+    );
+}
+
+#[test]
 fn start_with_an_incompatible_handler_api_fails_cleanly() {
     let (dir, config) = dir_with("abi-mismatch", Variant::AbiMismatch, "");
     assert_start_fails(

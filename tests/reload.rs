@@ -167,6 +167,17 @@ fn reload_refuses_an_incompatible_abi() {
 }
 
 #[test]
+fn reload_refuses_a_handler_built_against_another_api_version() {
+    assert_bad_build_refused(
+        "other-api",
+        |dir| {
+            dir.install(Variant::OtherApiVersion, "handler.so");
+        },
+        &["incompatible package versions", OTHER_API_VERSION],
+    );
+}
+
+#[test]
 fn reload_refuses_a_start_error() {
     assert_bad_build_refused(
         "start-error",

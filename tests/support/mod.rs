@@ -42,6 +42,9 @@ pub enum Variant {
     Faulty(&'static str),
     /// A library built against an incompatible handler ABI.
     AbiMismatch,
+    /// sample-handler built against a copy of handler-api that calls itself
+    /// 0.2.0 (see [`other_api_workspace`]).
+    OtherApiVersion,
 }
 
 impl Variant {
@@ -51,6 +54,7 @@ impl Variant {
             Variant::SampleV2 => "sample-v2.so".into(),
             Variant::Faulty(mode) => format!("faulty-{mode}.so"),
             Variant::AbiMismatch => "abi-mismatch.so".into(),
+            Variant::OtherApiVersion => "other-api-version.so".into(),
         }
     }
 
@@ -78,6 +82,7 @@ impl Variant {
                 Some(("FAULTY_MODE", mode)),
             ),
             Variant::AbiMismatch => ("abi-mismatch-handler", "libabi_mismatch_handler.so", None),
+            Variant::OtherApiVersion => ("sample-handler", "libsample_handler.so", None),
         }
     }
 }
@@ -106,6 +111,9 @@ pub fn handler(variant: Variant) -> PathBuf {
         .arg(&target)
         .env_remove("SAMPLE_VERSION")
         .env_remove("FAULTY_MODE");
+    if variant == Variant::OtherApiVersion {
+        cargo.current_dir(other_api_workspace(&target));
+    }
     if let Some((key, value)) = env {
         cargo.env(key, value);
     }
@@ -121,6 +129,69 @@ pub fn handler(variant: Variant) -> PathBuf {
     std::fs::rename(&temp, &out).unwrap();
     built.insert(variant, out.clone());
     out
+}
+
+/// The version [`Variant::OtherApiVersion`] claims for handler-api.
+pub const OTHER_API_VERSION: &str = "0.2.0";
+
+/// A workspace under `target` holding copies of handler-api (its version
+/// changed to [`OTHER_API_VERSION`], nothing else) and sample-handler: what
+/// a handler author whose handler-api is not the host's builds.
+fn other_api_workspace(target: &Path) -> PathBuf {
+    let root = target.join("other-api");
+    let _ = std::fs::remove_dir_all(&root);
+    for krate in ["handler-api", "sample-handler"] {
+        copy_dir(&workspace().join(krate), &root.join(krate));
+    }
+    let manifest = root.join("handler-api/Cargo.toml");
+    let ours = format!("version = \"{}\"", handler_api_version());
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let theirs = format!("version = \"{OTHER_API_VERSION}\"");
+    std::fs::write(&manifest, text.replacen(&ours, &theirs, 1)).unwrap();
+    std::fs::copy(workspace().join("Cargo.lock"), root.join("Cargo.lock")).unwrap();
+    std::fs::write(
+        root.join("Cargo.toml"),
+        r#"[workspace]
+resolver = "2"
+members = ["handler-api", "sample-handler"]
+
+[workspace.package]
+edition = "2021"
+license = "MIT OR Apache-2.0"
+rust-version = "1.88"
+
+[workspace.dependencies]
+abi_stable = { version = "0.11.3", default-features = false }
+handler-api = { path = "handler-api" }
+"#,
+    )
+    .unwrap();
+    root
+}
+
+/// handler-api's version, from its manifest (the host speaks this one).
+pub fn handler_api_version() -> String {
+    let text = std::fs::read_to_string(workspace().join("handler-api/Cargo.toml")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("version = "))
+        .expect("handler-api/Cargo.toml has a version line");
+    line.trim_start_matches("version = ")
+        .trim_matches('"')
+        .to_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }
 
 /// A private directory for one test, removed at the end.
