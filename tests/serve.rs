@@ -3,6 +3,8 @@
 mod support;
 
 use std::collections::HashSet;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
 
 use nix::sys::signal::Signal;
 use support::*;
@@ -100,6 +102,34 @@ fn oversized_bodies_and_heads_are_refused_with_4xx() {
     if let Ok(reply) = reply {
         assert!(reply.status >= 400, "{reply:?}");
     }
+    assert_eq!(get(host.addr, "/").status, 200);
+}
+
+/// Reads until the server closes the connection; a read timeout (the
+/// server never closed it) fails the test.
+fn assert_closed_by_server(stream: &mut TcpStream, what: &str) {
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: the server never closed the connection: {e}"),
+    }
+}
+
+#[test]
+fn connections_that_wait_past_the_header_timeout_are_closed() {
+    let host = start_sample("header-timeout", 1, "header_timeout = \"1s\"");
+    // A head that never ends (slowloris) and an idle keep-alive client.
+    let mut partial = TcpStream::connect(host.addr).unwrap();
+    partial.set_read_timeout(Some(DEADLINE)).unwrap();
+    partial
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\nX-Slow: ", host.addr).as_bytes())
+        .unwrap();
+    let mut idle = idle_connection(host.addr, "/version", "v1");
+    assert_closed_by_server(&mut partial, "an unfinished head");
+    assert_closed_by_server(&mut idle, "an idle keep-alive connection");
+    // A request busy longer than the timeout is not a waiting connection.
+    assert_eq!(get(host.addr, "/sleep?ms=2500").status, 200);
     assert_eq!(get(host.addr, "/").status, 200);
 }
 

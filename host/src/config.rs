@@ -93,6 +93,11 @@ pub struct GroupConfig {
     /// Largest request head (request line + headers); larger ones get `431`.
     #[serde(default = "default_max_header")]
     pub max_header_bytes: usize,
+    /// How long a connection may wait for, or take to send, its next request
+    /// head (idle keep-alive included); then it is closed. Checked once a
+    /// second.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
     /// Free-form settings handed to the handler's start callback.
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
@@ -124,6 +129,9 @@ fn default_pool_threads() -> usize {
 }
 fn default_max_body() -> usize {
     1 << 20
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_max_header() -> usize {
     16 << 10
@@ -217,6 +225,13 @@ impl Config {
             }
             if group.dispatch == Dispatch::Pool && group.pool_threads == 0 {
                 bail!("group {}: pool_threads must be at least 1", group.name);
+            }
+            if group.header_timeout < Duration::from_secs(1) {
+                bail!(
+                    "group {}: header_timeout ({:?}) must be at least 1s",
+                    group.name,
+                    group.header_timeout
+                );
             }
             if group.stop_timeout < group.lame_duck {
                 bail!(
@@ -350,5 +365,10 @@ mod tests {
             "[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\n[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\n",
         );
         assert!(format!("{:#}", twice.unwrap_err()).contains("two groups are named"));
+        let short = parse(
+            "[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\nheader_timeout = \"500ms\"\n",
+        );
+        assert!(format!("{:#}", short.unwrap_err())
+            .contains("header_timeout (500ms) must be at least 1s"));
     }
 }

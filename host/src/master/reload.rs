@@ -298,6 +298,9 @@ impl Master {
         let Some(step) = run.step.take_if(|s| s.worker == id) else {
             return;
         };
+        // It was sent SIGKILL; the reload ends once it is gone, so nobody
+        // sees it in `host status` after `host reload` returned.
+        run.retiring.insert(id);
         self.reload_step_failed(step.group, step.slot, error);
         self.reload_advance();
     }

@@ -316,6 +316,7 @@ impl Master {
             stop_timeout_ms: (config.stop_timeout + Duration::from_millis(500)).as_millis() as u64,
             max_body_bytes: config.max_body_bytes,
             max_header_bytes: config.max_header_bytes,
+            header_timeout_ms: config.header_timeout.as_millis() as u64,
         };
         let (to_worker, outbox) = mpsc::unbounded_channel();
         let _ = to_worker.send(ToWorker::Start(Box::new(spec)));

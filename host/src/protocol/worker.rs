@@ -37,6 +37,8 @@ pub struct WorkerSpec {
     pub max_body_bytes: usize,
     /// Request head limit.
     pub max_header_bytes: usize,
+    /// Connections waiting this long for a request head are closed.
+    pub header_timeout_ms: u64,
 }
 
 /// Master → worker.

@@ -134,6 +134,7 @@ async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result
         }
     };
     tokio::spawn(server.clone().accept_loop(listener));
+    tokio::spawn(server.clone().expire_idle());
     write_line(
         &mut writer,
         &FromWorker::Ready {
@@ -176,6 +177,7 @@ fn start(
             dispatch: spec.dispatch,
             max_body_bytes: spec.max_body_bytes,
             max_header_bytes: spec.max_header_bytes,
+            header_timeout: Duration::from_millis(spec.header_timeout_ms),
         },
     );
     Ok((server, listener, info))

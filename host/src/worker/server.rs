@@ -11,6 +11,12 @@
 //!
 //! The worker exits as soon as its last connection is gone, which under load
 //! is one response time after the drain began, not a fixed period.
+//!
+//! Timeouts are coarse: once a second `expire_idle` closes the connections
+//! that have waited `header_timeout` for a request head. hyper's own
+//! header timer costs a boxed timer entry per request — about a tenth of a
+//! keep-alive request's user-space instructions (`scripts/profile`); here a
+//! request costs one relaxed store.
 
 use std::convert::Infallible;
 use std::future::Future as _;
@@ -28,7 +34,7 @@ use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::StatusCode;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use slab::Slab;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -39,9 +45,6 @@ use crate::config::Dispatch;
 use crate::counters::SharedCounters;
 use crate::protocol::worker::ConnectionInfo;
 
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// What every connection of a worker shares.
 pub struct Server {
     handler: HandlerModuleRef,
@@ -49,6 +52,10 @@ pub struct Server {
     dispatch: Dispatch,
     max_body_bytes: usize,
     max_header_bytes: usize,
+    /// `ServerOptions::header_timeout` in whole seconds of `clock`.
+    header_timeout_secs: u64,
+    /// Seconds since the server started, advanced by `expire_idle`.
+    clock: AtomicU64,
     draining: AtomicBool,
     /// Set when the connections left must close (gracefully: in-flight
     /// requests finish); each connection's waker is then woken.
@@ -73,6 +80,10 @@ struct Connection {
     requests: AtomicU64,
     /// A request is being answered (HTTP/1: at most one at a time).
     busy: AtomicBool,
+    /// `Server::clock` when the connection began waiting for a request head.
+    idle_since: AtomicU64,
+    /// Set by `expire_idle`: waited `header_timeout` for a request head.
+    expired: AtomicBool,
     /// The connection task's waker, for `close_idle`.
     waker: AtomicWaker,
 }
@@ -85,6 +96,9 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// Request head limit.
     pub max_header_bytes: usize,
+    /// How long a connection may wait for a request head (at least 1 s;
+    /// checked once a second).
+    pub header_timeout: Duration,
 }
 
 impl Server {
@@ -100,6 +114,8 @@ impl Server {
             dispatch: options.dispatch,
             max_body_bytes: options.max_body_bytes,
             max_header_bytes: options.max_header_bytes.max(8192),
+            header_timeout_secs: options.header_timeout.as_secs_f64().ceil().max(1.0) as u64,
+            clock: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             close_idle: AtomicBool::new(false),
             stop_accepting: AtomicBool::new(false),
@@ -153,6 +169,8 @@ impl Server {
             opened: Instant::now(),
             requests: AtomicU64::new(0),
             busy: AtomicBool::new(false),
+            idle_since: AtomicU64::new(self.clock.load(Ordering::Relaxed)),
+            expired: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
         let key = self.registry().insert(connection.clone());
@@ -164,8 +182,6 @@ impl Server {
             })
         };
         let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(self.max_header_bytes)
             .serve_connection(TokioIo::new(stream), service);
         tokio::pin!(conn);
@@ -174,14 +190,18 @@ impl Server {
         // reading a flag is an order of magnitude cheaper.
         let mut closing = false;
         let result = std::future::poll_fn(|cx| {
-            if !closing {
-                // Registered before the check: `close_connections` sets
-                // the flag first, then wakes.
-                connection.waker.register(cx.waker());
-                if self.close_idle.load(Ordering::SeqCst) {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
+            // Registered before the checks: `close_connections` and
+            // `expire_idle` set their flag first, then wake.
+            connection.waker.register(cx.waker());
+            if connection.expired.load(Ordering::SeqCst) {
+                // Waiting for a head that did not come: nothing to answer,
+                // and hyper's graceful shutdown would wait for the head.
+                tracing::debug!(peer = connection.peer.as_str(), "header timeout; closed");
+                return Poll::Ready(Ok(()));
+            }
+            if !closing && self.close_idle.load(Ordering::SeqCst) {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
             }
             conn.as_mut().poll(cx)
         })
@@ -288,6 +308,29 @@ impl Server {
         self.close_connections();
     }
 
+    /// Once a second: advances `clock` and closes (gracefully) every
+    /// connection that has waited `header_timeout` for a request head. Runs
+    /// for the life of the worker.
+    pub async fn expire_idle(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+            for (_, connection) in self.registry().iter() {
+                let waited = now.saturating_sub(connection.idle_since.load(Ordering::Relaxed));
+                if !connection.busy.load(Ordering::Relaxed)
+                    // `>`: between `header_timeout` and a second more.
+                    && waited > self.header_timeout_secs
+                    && !connection.expired.swap(true, Ordering::SeqCst)
+                {
+                    connection.waker.wake();
+                }
+            }
+        }
+    }
+
     /// Stops the accept loop; the listening socket stays open for the
     /// other workers.
     fn stop_accept(&self) {
@@ -311,6 +354,8 @@ impl Connection {
         self.busy.store(true, Ordering::Relaxed);
         let mut response = server.answer(req, self).await;
         self.busy.store(false, Ordering::Relaxed);
+        self.idle_since
+            .store(server.clock.load(Ordering::Relaxed), Ordering::Relaxed);
         // Only this connection's task writes it: no read-modify-write needed.
         let requests = self.requests.load(Ordering::Relaxed);
         self.requests.store(requests + 1, Ordering::Relaxed);
