@@ -1,8 +1,11 @@
 //! The server: a parent that binds and supervises, worker processes that
-//! serve. Mirrors host's process model and hyper settings
+//! serve. Mirrors host's process model and limits
 //! (`host/src/master/spawn.rs`, `host/src/worker/server.rs`) minus
 //! everything host does beyond serving: no handler ABI, no counters, no
-//! drain.
+//! drain. It is plain hyper as one would write it: the 30 s header timeout
+//! is hyper's own per-request timer, where host sweeps its connections once
+//! a second (the timer is ~12 % of a keep-alive request's user-space
+//! instructions; see BENCHMARKS.md).
 //!
 //! The parent re-executes itself (`/proc/self/exe worker`) with
 //! - fd 3: the shared listening socket (set non-blocking in the worker);
@@ -31,7 +34,7 @@ use tokio::signal::unix::{signal, SignalKind};
 /// An HTTP response as the workers send it.
 pub type HttpResponse = hyper::Response<Full<Bytes>>;
 
-/// host's defaults (`host/src/worker/server.rs`, `host/src/config.rs`).
+/// host's defaults (`host/src/config.rs`).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HEADER_BYTES: usize = 16 << 10;
 const MAX_BODY_BYTES: usize = 1 << 20;
