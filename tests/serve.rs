@@ -134,6 +134,41 @@ fn connections_that_wait_past_the_header_timeout_are_closed() {
 }
 
 #[test]
+fn a_stalled_request_body_gets_408_and_a_slow_one_completes() {
+    let host = start_sample("body-timeout", 1, "body_timeout = \"2s\"");
+    let head = |length: usize| {
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n",
+            host.addr
+        )
+    };
+    // 5 of 100 bytes, then nothing.
+    let mut stalled = TcpStream::connect(host.addr).unwrap();
+    stalled.set_read_timeout(Some(DEADLINE)).unwrap();
+    stalled.write_all(head(100).as_bytes()).unwrap();
+    stalled.write_all(b"hello").unwrap();
+    let mut answer = String::new();
+    stalled
+        .read_to_string(&mut answer)
+        .expect("an answer, then the server closes");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // A byte every 250 ms: 3 s in all, longer than the timeout, but never
+    // a pause anywhere near it.
+    let mut slow = TcpStream::connect(host.addr).unwrap();
+    slow.set_read_timeout(Some(DEADLINE)).unwrap();
+    slow.write_all(head(12).as_bytes()).unwrap();
+    for byte in b"slow-but-on!" {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        slow.write_all(&[*byte]).unwrap();
+    }
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("slow-but-on!"), "{answer}");
+    assert_eq!(get(host.addr, "/").status, 200);
+}
+
+#[test]
 fn pool_dispatch_keeps_serving_while_a_call_sleeps() {
     let host = start_sample("pool", 1, "dispatch = \"pool\"\npool_threads = 4");
     let addr = host.addr;

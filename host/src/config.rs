@@ -98,6 +98,10 @@ pub struct GroupConfig {
     /// second.
     #[serde(default = "default_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// Longest pause while a request body is being received; then the
+    /// request is answered `408` and the connection closed.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
     /// Free-form settings handed to the handler's start callback.
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
@@ -131,6 +135,9 @@ fn default_max_body() -> usize {
     1 << 20
 }
 fn default_header_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_body_timeout() -> Duration {
     Duration::from_secs(30)
 }
 fn default_max_header() -> usize {
@@ -226,12 +233,16 @@ impl Config {
             if group.dispatch == Dispatch::Pool && group.pool_threads == 0 {
                 bail!("group {}: pool_threads must be at least 1", group.name);
             }
-            if group.header_timeout < Duration::from_secs(1) {
-                bail!(
-                    "group {}: header_timeout ({:?}) must be at least 1s",
-                    group.name,
-                    group.header_timeout
-                );
+            for (key, timeout) in [
+                ("header_timeout", group.header_timeout),
+                ("body_timeout", group.body_timeout),
+            ] {
+                if timeout < Duration::from_secs(1) {
+                    bail!(
+                        "group {}: {key} ({timeout:?}) must be at least 1s",
+                        group.name
+                    );
+                }
             }
             if group.stop_timeout < group.lame_duck {
                 bail!(

@@ -317,6 +317,7 @@ impl Master {
             max_body_bytes: config.max_body_bytes,
             max_header_bytes: config.max_header_bytes,
             header_timeout_ms: config.header_timeout.as_millis() as u64,
+            body_timeout_ms: config.body_timeout.as_millis() as u64,
         };
         let (to_worker, outbox) = mpsc::unbounded_channel();
         let _ = to_worker.send(ToWorker::Start(Box::new(spec)));

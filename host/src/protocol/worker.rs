@@ -39,6 +39,8 @@ pub struct WorkerSpec {
     pub max_header_bytes: usize,
     /// Connections waiting this long for a request head are closed.
     pub header_timeout_ms: u64,
+    /// Longest pause while receiving a request body.
+    pub body_timeout_ms: u64,
 }
 
 /// Master → worker.

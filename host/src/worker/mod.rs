@@ -178,6 +178,7 @@ fn start(
             max_body_bytes: spec.max_body_bytes,
             max_header_bytes: spec.max_header_bytes,
             header_timeout: Duration::from_millis(spec.header_timeout_ms),
+            body_timeout: Duration::from_millis(spec.body_timeout_ms),
         },
     );
     Ok((server, listener, info))

@@ -12,23 +12,28 @@
 //! The worker exits as soon as its last connection is gone, which under load
 //! is one response time after the drain began, not a fixed period.
 //!
-//! Timeouts are coarse: once a second `expire_idle` closes the connections
-//! that have waited `header_timeout` for a request head. hyper's own
-//! header timer costs a boxed timer entry per request — about a tenth of a
-//! keep-alive request's user-space instructions (`scripts/profile`); here a
-//! request costs one relaxed store.
+//! Timeouts are coarse: once a second `expire_idle` looks at every
+//! connection's phase and last progress, and closes those that waited
+//! `header_timeout` for a request head (nothing to answer) or got no body
+//! bytes for `body_timeout` (answered `408`). hyper's own header timer costs
+//! a boxed timer entry per request — about a tenth of a keep-alive
+//! request's user-space instructions (`scripts/profile`); here a request
+//! costs a few relaxed stores.
 
 use std::convert::Infallible;
 use std::future::Future as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
+use bytes::Bytes;
 use handler_api::HandlerModuleRef;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{LengthLimitError, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
@@ -36,6 +41,7 @@ use hyper::service::service_fn;
 use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use slab::Slab;
+use smallvec::SmallVec;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -54,6 +60,8 @@ pub struct Server {
     max_header_bytes: usize,
     /// `ServerOptions::header_timeout` in whole seconds of `clock`.
     header_timeout_secs: u64,
+    /// `ServerOptions::body_timeout` in whole seconds of `clock`.
+    body_timeout_secs: u64,
     /// Seconds since the server started, advanced by `expire_idle`.
     clock: AtomicU64,
     draining: AtomicBool,
@@ -78,14 +86,37 @@ struct Connection {
     peer: PeerAddr,
     opened: Instant,
     requests: AtomicU64,
-    /// A request is being answered (HTTP/1: at most one at a time).
-    busy: AtomicBool,
-    /// `Server::clock` when the connection began waiting for a request head.
-    idle_since: AtomicU64,
-    /// Set by `expire_idle`: waited `header_timeout` for a request head.
+    /// A [`Phase`] (HTTP/1: one request at a time).
+    phase: AtomicU8,
+    /// `Server::clock` at the last progress: the phase began, or body
+    /// bytes arrived.
+    since: AtomicU64,
+    /// Set by `expire_idle`: no progress for the phase's timeout.
     expired: AtomicBool,
     /// The connection task's waker, for `close_idle`.
     waker: AtomicWaker,
+}
+
+/// Where a connection is in its request cycle: what the timeouts look at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    /// Waiting for (the rest of) a request head: `header_timeout`.
+    WaitingHead = 0,
+    /// Receiving a request body: `body_timeout` between bytes.
+    ReadingBody = 1,
+    /// The handler has the request: no timeout but `stop_timeout` at drain.
+    Handling = 2,
+}
+
+impl Phase {
+    fn from_u8(value: u8) -> Phase {
+        match value {
+            1 => Phase::ReadingBody,
+            2 => Phase::Handling,
+            _ => Phase::WaitingHead,
+        }
+    }
 }
 
 /// Server limits and dispatch mode.
@@ -99,6 +130,8 @@ pub struct ServerOptions {
     /// How long a connection may wait for a request head (at least 1 s;
     /// checked once a second).
     pub header_timeout: Duration,
+    /// Longest pause while receiving a request body (at least 1 s).
+    pub body_timeout: Duration,
 }
 
 impl Server {
@@ -114,7 +147,8 @@ impl Server {
             dispatch: options.dispatch,
             max_body_bytes: options.max_body_bytes,
             max_header_bytes: options.max_header_bytes.max(8192),
-            header_timeout_secs: options.header_timeout.as_secs_f64().ceil().max(1.0) as u64,
+            header_timeout_secs: whole_seconds(options.header_timeout),
+            body_timeout_secs: whole_seconds(options.body_timeout),
             clock: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             close_idle: AtomicBool::new(false),
@@ -168,8 +202,8 @@ impl Server {
             peer: PeerAddr::new(peer),
             opened: Instant::now(),
             requests: AtomicU64::new(0),
-            busy: AtomicBool::new(false),
-            idle_since: AtomicU64::new(self.clock.load(Ordering::Relaxed)),
+            phase: AtomicU8::new(Phase::WaitingHead as u8),
+            since: AtomicU64::new(self.now()),
             expired: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
@@ -193,9 +227,11 @@ impl Server {
             // Registered before the checks: `close_connections` and
             // `expire_idle` set their flag first, then wake.
             connection.waker.register(cx.waker());
-            if connection.expired.load(Ordering::SeqCst) {
+            if connection.expired.load(Ordering::SeqCst) && connection.phase() == Phase::WaitingHead
+            {
                 // Waiting for a head that did not come: nothing to answer,
                 // and hyper's graceful shutdown would wait for the head.
+                // (A stalled body is answered 408 by `read_body`.)
                 tracing::debug!(peer = connection.peer.as_str(), "header timeout; closed");
                 return Poll::Ready(Ok(()));
             }
@@ -226,7 +262,7 @@ impl Server {
             .iter()
             .map(|(_, c)| ConnectionInfo {
                 peer: c.peer.as_str().to_owned(),
-                state: match (c.busy.load(Ordering::Relaxed), closing) {
+                state: match (c.phase() != Phase::WaitingHead, closing) {
                     (true, _) => "active",
                     (false, true) => "closing",
                     (false, false) => "idle",
@@ -246,15 +282,9 @@ impl Server {
         connection: &Arc<Connection>,
     ) -> HttpResponse {
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, self.max_body_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e)
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
-            }
-            Err(_) => return plain(StatusCode::BAD_REQUEST, "cannot read request body\n"),
+        let body = match self.read_body(body, connection).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal,
         };
         match self.dispatch {
             Dispatch::Inline => call_handler(self.handler, &parts, &body, connection.peer.as_str()),
@@ -270,6 +300,68 @@ impl Server {
                 })
             }
         }
+    }
+
+    /// The whole request body, or the answer to send instead (413, 408,
+    /// 400). Progress is recorded per frame for `body_timeout`.
+    async fn read_body(
+        &self,
+        body: Incoming,
+        connection: &Connection,
+    ) -> Result<Bytes, HttpResponse> {
+        if body.is_end_stream() {
+            return Ok(Bytes::new());
+        }
+        connection.enter(Phase::ReadingBody, self.now());
+        let mut body = Limited::new(body, self.max_body_bytes);
+        let mut chunks = SmallVec::<[Bytes; 1]>::new();
+        loop {
+            let frame = std::future::poll_fn(|cx| {
+                // `expire_idle` sets the flag, then wakes this task.
+                if connection.expired.load(Ordering::SeqCst) {
+                    return Poll::Ready(None);
+                }
+                Pin::new(&mut body).poll_frame(cx).map(Some)
+            })
+            .await;
+            match frame {
+                None => {
+                    tracing::debug!(peer = connection.peer.as_str(), "body timeout; 408");
+                    let mut refusal = plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n");
+                    refusal
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                    return Err(refusal);
+                }
+                Some(None) => break,
+                Some(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        chunks.push(data);
+                    }
+                    connection.since.store(self.now(), Ordering::Relaxed);
+                }
+                Some(Some(Err(e))) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                    return Err(plain(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large\n",
+                    ));
+                }
+                Some(Some(Err(_))) => {
+                    return Err(plain(StatusCode::BAD_REQUEST, "cannot read request body\n"))
+                }
+            }
+        }
+        connection.enter(Phase::Handling, self.now());
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.swap_remove(0),
+            _ => chunks.concat().into(),
+        })
+    }
+
+    /// `clock`, for progress stamps.
+    fn now(&self) -> u64 {
+        self.clock.load(Ordering::Relaxed)
     }
 
     /// Retires this worker: stop accepting, lame duck, close the rest.
@@ -308,9 +400,9 @@ impl Server {
         self.close_connections();
     }
 
-    /// Once a second: advances `clock` and closes (gracefully) every
-    /// connection that has waited `header_timeout` for a request head. Runs
-    /// for the life of the worker.
+    /// Once a second: advances `clock` and flags (then wakes) every
+    /// connection without progress for its phase's timeout. Runs for the
+    /// life of the worker.
     pub async fn expire_idle(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -319,12 +411,14 @@ impl Server {
             tick.tick().await;
             let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
             for (_, connection) in self.registry().iter() {
-                let waited = now.saturating_sub(connection.idle_since.load(Ordering::Relaxed));
-                if !connection.busy.load(Ordering::Relaxed)
-                    // `>`: between `header_timeout` and a second more.
-                    && waited > self.header_timeout_secs
-                    && !connection.expired.swap(true, Ordering::SeqCst)
-                {
+                let limit = match connection.phase() {
+                    Phase::WaitingHead => self.header_timeout_secs,
+                    Phase::ReadingBody => self.body_timeout_secs,
+                    Phase::Handling => continue,
+                };
+                let waited = now.saturating_sub(connection.since.load(Ordering::Relaxed));
+                // `>`: between the timeout and a second more.
+                if waited > limit && !connection.expired.swap(true, Ordering::SeqCst) {
                     connection.waker.wake();
                 }
             }
@@ -348,14 +442,25 @@ impl Server {
 }
 
 impl Connection {
+    fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Relaxed))
+    }
+
+    /// Moves to `phase` at `now` (single writer: this connection's task).
+    fn enter(&self, phase: Phase, now: u64) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+        self.since.store(now, Ordering::Relaxed);
+    }
+
     async fn respond(self: &Arc<Self>, req: hyper::Request<Incoming>) -> HttpResponse {
         let server = &*self.server;
         server.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.busy.store(true, Ordering::Relaxed);
+        self.enter(Phase::Handling, server.now());
         let mut response = server.answer(req, self).await;
-        self.busy.store(false, Ordering::Relaxed);
-        self.idle_since
-            .store(server.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.enter(Phase::WaitingHead, server.now());
+        // A 408 answer is the end of this connection (`Connection: close`),
+        // not a reason to drop it before the answer is out.
+        self.expired.store(false, Ordering::SeqCst);
         // Only this connection's task writes it: no read-modify-write needed.
         let requests = self.requests.load(Ordering::Relaxed);
         self.requests.store(requests + 1, Ordering::Relaxed);
@@ -368,6 +473,11 @@ impl Connection {
         server.counters.count_response(response.status().as_u16());
         response
     }
+}
+
+/// A timeout in whole seconds of `Server::clock`, at least one.
+fn whole_seconds(timeout: Duration) -> u64 {
+    timeout.as_secs_f64().ceil().max(1.0) as u64
 }
 
 fn log_connection_end(result: Result<(), hyper::Error>) {
