@@ -86,3 +86,23 @@ fn a_pinned_group_ignores_rebuilds() {
     assert_eq!(get(host.addr, "/version").body, "v1");
     assert_eq!(host.status()["reloads_ok"], 0);
 }
+
+#[test]
+fn a_rebuild_others_could_write_is_refused_and_the_next_good_one_reloads() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let host = start_watching("writable");
+    // Made writable by everyone before it lands, as a careless build might.
+    let temp = host.dir.path.join(".writable.tmp");
+    std::fs::copy(handler(Variant::SampleV2), &temp).unwrap();
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::rename(&temp, host.dir.path.join("handler.so")).unwrap();
+    wait_until("the writable build is refused in the log", || {
+        host.log().contains("cannot be used")
+    });
+    assert!(host.log().contains("writable"), "{}", host.log());
+    assert_eq!(get(host.addr, "/version").body, "v1");
+    assert_eq!(host.status()["reloads_ok"], 0);
+
+    host.dir.install(Variant::SampleV2, "handler.so");
+    wait_serving(&host, "v2");
+}

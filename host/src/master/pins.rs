@@ -65,18 +65,21 @@ pub fn previous(history: &History, group: &str, current: &str) -> Option<String>
     runs[..at].iter().rev().find(|h| *h != current).cloned()
 }
 
-/// The version a group must run now: its pin if it has one, else a fresh
-/// snapshot of its handler file; either way within the config's `sha256`.
+/// The version a group must run now: its pin if it has one, else a
+/// snapshot of its handler file (`snapshot` if the caller just took one,
+/// else a fresh one); either way within the config's `sha256`.
 pub fn chosen_version(
     store: &HandlerStore,
     pins: &Pins,
     group: &GroupConfig,
+    snapshot: Option<std::sync::Arc<Version>>,
 ) -> Result<std::sync::Arc<Version>> {
-    let version = match pins.get(&group.name) {
-        Some(hash) => store
+    let version = match (pins.get(&group.name), snapshot) {
+        (Some(hash), _) => store
             .get(hash)
             .with_context(|| format!("group {} is pinned to {}", group.name, short(hash)))?,
-        None => store
+        (None, Some(snapshot)) => snapshot,
+        (None, None) => store
             .import(&group.handler, None, group.allow_writable_handler)
             .with_context(|| format!("group {}", group.name))?,
     };

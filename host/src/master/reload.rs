@@ -75,8 +75,15 @@ pub struct QueuedReload {
 }
 
 impl Master {
-    /// Starts a reload, or queues it behind the running one.
-    pub fn request_reload(&mut self, group: Option<String>, reply: Reply) {
+    /// Starts a reload, or queues it behind the running one. `snapshot`:
+    /// the handler file of `group`, just snapshotted by the caller (watch
+    /// mode), used if the reload starts now.
+    pub fn request_reload(
+        &mut self,
+        group: Option<String>,
+        reply: Reply,
+        snapshot: Option<Arc<Version>>,
+    ) {
         if let Some(name) = &group {
             if !self.groups.iter().any(|g| &g.config.name == name) {
                 let _ = reply.send(ControlReply::Error {
@@ -99,10 +106,15 @@ impl Master {
             queued.waiters.push(reply);
             return;
         }
-        self.start_reload(group, vec![reply]);
+        self.start_reload(group, vec![reply], snapshot);
     }
 
-    fn start_reload(&mut self, group: Option<String>, waiters: Vec<Reply>) {
+    fn start_reload(
+        &mut self,
+        group: Option<String>,
+        waiters: Vec<Reply>,
+        mut snapshot: Option<Arc<Version>>,
+    ) {
         let started = Instant::now();
         let pins = match pins::load_pins(&self.run_dir) {
             Ok(pins) => pins,
@@ -121,7 +133,7 @@ impl Master {
                 notified.push(g.config.name.clone());
                 continue;
             }
-            match pins::chosen_version(&self.store, &pins, &g.config) {
+            match pins::chosen_version(&self.store, &pins, &g.config, snapshot.take()) {
                 Ok(to) => targets.push(Target {
                     group: index,
                     from: g.version.clone(),
@@ -439,7 +451,7 @@ impl Master {
 
     fn start_queued_reload(&mut self) {
         if let Some(queued) = self.queued_reload.take() {
-            self.start_reload(queued.group, queued.waiters);
+            self.start_reload(queued.group, queued.waiters, None);
         }
     }
 }

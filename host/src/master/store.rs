@@ -260,12 +260,6 @@ impl HandlerStore {
     }
 }
 
-/// Hex sha256 of a file's bytes.
-pub fn hash_file(path: &Path) -> Result<String> {
-    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(hash_bytes(&bytes))
-}
-
 fn hash_bytes(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }

@@ -160,7 +160,7 @@ impl Master {
                 })?,
             };
             let addr = listener.local_addr()?;
-            let version = pins::chosen_version(&store, &pins, &group)?;
+            let version = pins::chosen_version(&store, &pins, &group, None)?;
             let slots = (0..group.count)
                 .map(|_| Slot {
                     current: None,
@@ -672,7 +672,7 @@ impl Master {
         match action {
             SignalAction::GracefulStop => self.stop(false),
             SignalAction::FastStop => self.stop(true),
-            SignalAction::Reload => self.reload_in_background(None),
+            SignalAction::Reload => self.reload_in_background(None, None),
             SignalAction::ReopenLog => self.reopen_log(),
         }
     }
@@ -697,12 +697,12 @@ impl Master {
     }
 
     /// Starts a reload nobody waits on; its outcome is only logged.
-    fn reload_in_background(&mut self, group: Option<String>) {
+    fn reload_in_background(&mut self, group: Option<String>, snapshot: Option<Arc<Version>>) {
         if !matches!(self.phase, Phase::Running) {
             return;
         }
         let (reply, mut replies) = mpsc::unbounded_channel();
-        self.request_reload(group, reply);
+        self.request_reload(group, reply, snapshot);
         tokio::spawn(async move {
             while let Some(reply) = replies.recv().await {
                 if let ControlReply::Error { message } = reply {
@@ -718,17 +718,27 @@ impl Master {
             tracing::info!(group = %name, "handler file changed, but the group is pinned; not reloading");
             return;
         }
-        // The file may be missing for a moment while it is replaced; the
-        // event of its creation follows.
-        let Ok(hash) = super::store::hash_file(&self.groups[group].config.handler) else {
-            return;
+        // The snapshot the reload will use: the file is read and hashed once.
+        let config = &self.groups[group].config;
+        let snapshot = match self
+            .store
+            .import(&config.handler, None, config.allow_writable_handler)
+        {
+            Ok(snapshot) => snapshot,
+            // Missing for a moment while it is replaced; the event of its
+            // creation follows.
+            Err(e) if is_not_found(&e) => return,
+            Err(e) => {
+                tracing::warn!(group = %name, "handler file changed but cannot be used: {e:#}");
+                return;
+            }
         };
-        if hash == self.groups[group].version.hash && self.reload.is_none() {
+        if snapshot.hash == self.groups[group].version.hash && self.reload.is_none() {
             tracing::debug!(group = %name, "handler file touched but unchanged");
             return;
         }
-        tracing::info!(group = %name, "handler file changed; reloading");
-        self.reload_in_background(Some(name));
+        tracing::info!(group = %name, version = snapshot.short(), "handler file changed; reloading");
+        self.reload_in_background(Some(name), Some(snapshot));
     }
 
     fn on_control(&mut self, request: ControlRequest, reply: mpsc::UnboundedSender<ControlReply>) {
@@ -750,7 +760,7 @@ impl Master {
             }
             ControlRequest::Reload { group } => {
                 if matches!(self.phase, Phase::Running) {
-                    self.request_reload(group, reply);
+                    self.request_reload(group, reply, None);
                 } else {
                     let _ = reply.send(ControlReply::Error {
                         message: "host is starting or stopping; reload refused".into(),
@@ -861,6 +871,15 @@ impl Master {
             workers,
         }
     }
+}
+
+/// Whether an error comes from a file that does not exist.
+fn is_not_found(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    })
 }
 
 /// Binds a listener with a deep accept queue, for all workers to share.
