@@ -12,6 +12,7 @@
 //! when its channel closes (the master is gone) or on SIGTERM.
 
 pub mod abi;
+mod connection;
 mod loader;
 mod peer;
 mod server;

@@ -13,39 +13,34 @@
 //! is one response time after the drain began, not a fixed period.
 //!
 //! Timeouts are coarse: once a second `expire_idle` looks at every
-//! connection's phase and last progress, and closes those that waited
-//! `header_timeout` for a request head (nothing to answer) or got no body
-//! bytes for `body_timeout` (answered `408`). hyper's own header timer costs
-//! a boxed timer entry per request — about a tenth of a keep-alive
-//! request's user-space instructions (`scripts/profile`); here a request
-//! costs a few relaxed stores.
+//! connection's phase and last progress (`connection.rs`) and flags those
+//! that waited `header_timeout` for a request head or got no body bytes for
+//! `body_timeout`. hyper's own header timer costs a boxed timer entry per
+//! request — about a tenth of a keep-alive request's user-space
+//! instructions (`scripts/profile`); here a request costs a few relaxed
+//! stores.
 
 use std::convert::Infallible;
 use std::future::Future as _;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
-use bytes::Bytes;
 use handler_api::HandlerModuleRef;
-use http_body_util::{LengthLimitError, Limited};
-use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use slab::Slab;
-use smallvec::SmallVec;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use super::abi::{call_handler, plain, HttpResponse};
+use super::connection::{Connection, Phase};
 use super::peer::PeerAddr;
 use crate::config::Dispatch;
 use crate::counters::SharedCounters;
@@ -54,7 +49,7 @@ use crate::protocol::worker::ConnectionInfo;
 /// What every connection of a worker shares.
 pub struct Server {
     handler: HandlerModuleRef,
-    counters: SharedCounters,
+    pub(super) counters: SharedCounters,
     dispatch: Dispatch,
     max_body_bytes: usize,
     max_header_bytes: usize,
@@ -64,7 +59,7 @@ pub struct Server {
     body_timeout_secs: u64,
     /// Seconds since the server started, advanced by `expire_idle`.
     clock: AtomicU64,
-    draining: AtomicBool,
+    pub(super) draining: AtomicBool,
     /// Set when the connections left must close (gracefully: in-flight
     /// requests finish); each connection's waker is then woken.
     close_idle: AtomicBool,
@@ -77,46 +72,6 @@ pub struct Server {
     all_closed: Notify,
     /// Every open connection, for `host connections`.
     connections: Mutex<Slab<Arc<Connection>>>,
-}
-
-/// One connection: what its requests need, and what `host connections`
-/// shows of it (written by the connection's own task, read rarely).
-struct Connection {
-    server: Arc<Server>,
-    peer: PeerAddr,
-    opened: Instant,
-    requests: AtomicU64,
-    /// A [`Phase`] (HTTP/1: one request at a time).
-    phase: AtomicU8,
-    /// `Server::clock` at the last progress: the phase began, or body
-    /// bytes arrived.
-    since: AtomicU64,
-    /// Set by `expire_idle`: no progress for the phase's timeout.
-    expired: AtomicBool,
-    /// The connection task's waker, for `close_idle`.
-    waker: AtomicWaker,
-}
-
-/// Where a connection is in its request cycle: what the timeouts look at.
-#[derive(Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum Phase {
-    /// Waiting for (the rest of) a request head: `header_timeout`.
-    WaitingHead = 0,
-    /// Receiving a request body: `body_timeout` between bytes.
-    ReadingBody = 1,
-    /// The handler has the request: no timeout but `stop_timeout` at drain.
-    Handling = 2,
-}
-
-impl Phase {
-    fn from_u8(value: u8) -> Phase {
-        match value {
-            1 => Phase::ReadingBody,
-            2 => Phase::Handling,
-            _ => Phase::WaitingHead,
-        }
-    }
 }
 
 /// Server limits and dispatch mode.
@@ -197,16 +152,11 @@ impl Server {
     async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
         self.open.fetch_add(1, Ordering::SeqCst);
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
-        let connection = Arc::new(Connection {
-            server: self.clone(),
-            peer: PeerAddr::new(peer),
-            opened: Instant::now(),
-            requests: AtomicU64::new(0),
-            phase: AtomicU8::new(Phase::WaitingHead as u8),
-            since: AtomicU64::new(self.now()),
-            expired: AtomicBool::new(false),
-            waker: AtomicWaker::new(),
-        });
+        let connection = Arc::new(Connection::new(
+            self.clone(),
+            PeerAddr::new(peer),
+            self.now(),
+        ));
         let key = self.registry().insert(connection.clone());
         let service = {
             let connection = connection.clone();
@@ -276,13 +226,13 @@ impl Server {
         list
     }
 
-    async fn answer(
+    pub(super) async fn answer(
         &self,
         req: hyper::Request<Incoming>,
         connection: &Arc<Connection>,
     ) -> HttpResponse {
         let (parts, body) = req.into_parts();
-        let body = match self.read_body(body, connection).await {
+        let body = match connection.read_body(body, self.max_body_bytes).await {
             Ok(body) => body,
             Err(refusal) => return refusal,
         };
@@ -302,65 +252,8 @@ impl Server {
         }
     }
 
-    /// The whole request body, or the answer to send instead (413, 408,
-    /// 400). Progress is recorded per frame for `body_timeout`.
-    async fn read_body(
-        &self,
-        body: Incoming,
-        connection: &Connection,
-    ) -> Result<Bytes, HttpResponse> {
-        if body.is_end_stream() {
-            return Ok(Bytes::new());
-        }
-        connection.enter(Phase::ReadingBody, self.now());
-        let mut body = Limited::new(body, self.max_body_bytes);
-        let mut chunks = SmallVec::<[Bytes; 1]>::new();
-        loop {
-            let frame = std::future::poll_fn(|cx| {
-                // `expire_idle` sets the flag, then wakes this task.
-                if connection.expired.load(Ordering::SeqCst) {
-                    return Poll::Ready(None);
-                }
-                Pin::new(&mut body).poll_frame(cx).map(Some)
-            })
-            .await;
-            match frame {
-                None => {
-                    tracing::debug!(peer = connection.peer.as_str(), "body timeout; 408");
-                    let mut refusal = plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n");
-                    refusal
-                        .headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
-                    return Err(refusal);
-                }
-                Some(None) => break,
-                Some(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        chunks.push(data);
-                    }
-                    connection.since.store(self.now(), Ordering::Relaxed);
-                }
-                Some(Some(Err(e))) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                    return Err(plain(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body too large\n",
-                    ));
-                }
-                Some(Some(Err(_))) => {
-                    return Err(plain(StatusCode::BAD_REQUEST, "cannot read request body\n"))
-                }
-            }
-        }
-        connection.enter(Phase::Handling, self.now());
-        Ok(match chunks.len() {
-            0 => Bytes::new(),
-            1 => chunks.swap_remove(0),
-            _ => chunks.concat().into(),
-        })
-    }
-
     /// `clock`, for progress stamps.
-    fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         self.clock.load(Ordering::Relaxed)
     }
 
@@ -438,40 +331,6 @@ impl Server {
         for (_, connection) in self.registry().iter() {
             connection.waker.wake();
         }
-    }
-}
-
-impl Connection {
-    fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Ordering::Relaxed))
-    }
-
-    /// Moves to `phase` at `now` (single writer: this connection's task).
-    fn enter(&self, phase: Phase, now: u64) {
-        self.phase.store(phase as u8, Ordering::Relaxed);
-        self.since.store(now, Ordering::Relaxed);
-    }
-
-    async fn respond(self: &Arc<Self>, req: hyper::Request<Incoming>) -> HttpResponse {
-        let server = &*self.server;
-        server.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.enter(Phase::Handling, server.now());
-        let mut response = server.answer(req, self).await;
-        self.enter(Phase::WaitingHead, server.now());
-        // A 408 answer is the end of this connection (`Connection: close`),
-        // not a reason to drop it before the answer is out.
-        self.expired.store(false, Ordering::SeqCst);
-        // Only this connection's task writes it: no read-modify-write needed.
-        let requests = self.requests.load(Ordering::Relaxed);
-        self.requests.store(requests + 1, Ordering::Relaxed);
-        if server.draining.load(Ordering::Relaxed) {
-            response
-                .headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-        }
-        server.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        server.counters.count_response(response.status().as_u16());
-        response
     }
 }
 
