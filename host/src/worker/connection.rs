@@ -123,18 +123,17 @@ impl Connection {
         body: Incoming,
         max_body_bytes: usize,
     ) -> Result<Bytes, HttpResponse> {
-        let connection = self;
         let now = || self.server.now();
         if body.is_end_stream() {
             return Ok(Bytes::new());
         }
-        connection.enter(Phase::ReadingBody, now());
+        self.enter(Phase::ReadingBody, now());
         let mut body = Limited::new(body, max_body_bytes);
         let mut chunks = SmallVec::<[Bytes; 1]>::new();
         loop {
             let frame = std::future::poll_fn(|cx| {
                 // `expire_idle` sets the flag, then wakes this task.
-                if connection.expired.load(Ordering::SeqCst) {
+                if self.expired.load(Ordering::SeqCst) {
                     return Poll::Ready(None);
                 }
                 Pin::new(&mut body).poll_frame(cx).map(Some)
@@ -142,7 +141,7 @@ impl Connection {
             .await;
             match frame {
                 None => {
-                    tracing::debug!(peer = connection.peer.as_str(), "body timeout; 408");
+                    tracing::debug!(peer = self.peer.as_str(), "body timeout; 408");
                     let mut refusal = plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n");
                     refusal
                         .headers_mut()
@@ -154,7 +153,7 @@ impl Connection {
                     if let Ok(data) = frame.into_data() {
                         chunks.push(data);
                     }
-                    connection.since.store(now(), Ordering::Relaxed);
+                    self.since.store(now(), Ordering::Relaxed);
                 }
                 Some(Some(Err(e))) if e.downcast_ref::<LengthLimitError>().is_some() => {
                     return Err(plain(
@@ -167,7 +166,7 @@ impl Connection {
                 }
             }
         }
-        connection.enter(Phase::Handling, now());
+        self.enter(Phase::Handling, now());
         Ok(match chunks.len() {
             0 => Bytes::new(),
             1 => chunks.swap_remove(0),
