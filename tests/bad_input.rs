@@ -141,7 +141,12 @@ fn start_with_a_handler_built_against_another_api_version_fails_cleanly() {
     assert_start_fails(
         &config,
         dir,
-        &["handler.so", "incompatible handler-api", &versions],
+        &[
+            "handler.so",
+            "incompatible handler-api",
+            &versions,
+            &format!("rebuild it against handler-api {}", handler_api_version()),
+        ],
     );
 }
 

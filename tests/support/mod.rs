@@ -43,7 +43,7 @@ pub enum Variant {
     /// A library built against an incompatible handler ABI.
     AbiMismatch,
     /// sample-handler built against a copy of handler-api that calls itself
-    /// 0.2.0 (see [`other_api_workspace`]).
+    /// 0.3.0 (see [`other_api_workspace`]).
     OtherApiVersion,
 }
 
@@ -132,7 +132,7 @@ pub fn handler(variant: Variant) -> PathBuf {
 }
 
 /// The version [`Variant::OtherApiVersion`] claims for handler-api.
-pub const OTHER_API_VERSION: &str = "0.2.0";
+pub const OTHER_API_VERSION: &str = "0.3.0";
 
 /// A workspace under `target` holding copies of handler-api (its version
 /// changed to [`OTHER_API_VERSION`], nothing else) and sample-handler: what

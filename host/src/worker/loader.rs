@@ -41,8 +41,10 @@ fn describe(shown: &str, error: &LibraryError) -> String {
             let report = report.to_string();
             tracing::debug!(report = %report, "full abi_stable layout report");
             format!(
-                "{shown} was built against an incompatible handler-api: {}",
-                summarize_layout_report(&report)
+                "{shown} was built against an incompatible handler-api: {}; rebuild it \
+                 against handler-api {}",
+                summarize_layout_report(&report),
+                HandlerModuleRef::VERSION_STRINGS.version
             )
         }
         LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => format!(
