@@ -1,5 +1,6 @@
 //! Operations: systemd notify and socket activation, metrics and health,
-//! JSON logs and log reopening, `host connections`, dropping root.
+//! JSON logs and log reopening, `host connections`, dropping root, the
+//! worker wrapper for profilers.
 
 mod support;
 
@@ -378,4 +379,37 @@ fn as_root_the_master_and_workers_run_as_the_configured_user() {
     );
     assert_eq!(get(host.addr, "/version").body, "v2");
     let _ = Duration::ZERO;
+}
+
+#[test]
+fn a_worker_wrapper_runs_each_worker() {
+    use std::os::unix::fs::PermissionsExt as _;
+    // What scripts/profile does with valgrind, with a wrapper that leaves a
+    // trace of its arguments.
+    let dir = TestDir::new("wrapper");
+    let trace = dir.path.join("wrapped.txt");
+    let script = dir.write(
+        "wrap.sh",
+        format!(
+            "#!/bin/sh\necho \"$@\" >> '{}'\nexec \"$@\"\n",
+            trace.display()
+        ),
+    );
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = sample_config(&dir, 2, "");
+    let host = Host::start_with(dir, &config, |command| {
+        command.env("HOST_WORKER_WRAPPER", &script);
+    });
+    assert_eq!(get(host.addr, "/version").body, "v1");
+    let lines: Vec<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected = format!("/proc/{}/exe worker", host.pid());
+    assert_eq!(
+        lines,
+        [expected.clone(), expected],
+        "one wrapped start per worker"
+    );
 }
