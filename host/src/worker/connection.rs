@@ -101,8 +101,11 @@ impl Connection {
         let mut response = server.answer(req, self).await;
         self.enter(Phase::WaitingHead, server.now());
         // A 408 answer is the end of this connection (`Connection: close`),
-        // not a reason to drop it before the answer is out.
-        self.expired.store(false, Ordering::SeqCst);
+        // not a reason to drop it before the answer is out. (Read first: no
+        // locked write on every request.)
+        if self.expired.load(Ordering::Relaxed) {
+            self.expired.store(false, Ordering::SeqCst);
+        }
         // Only this connection's task writes it: no read-modify-write needed.
         let requests = self.requests.load(Ordering::Relaxed);
         self.requests.store(requests + 1, Ordering::Relaxed);
