@@ -23,7 +23,7 @@
 use std::convert::Infallible;
 use std::future::Future as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -66,9 +66,8 @@ pub struct Server {
     /// Set when the drain begins; `accept_waker` is then woken.
     stop_accepting: AtomicBool,
     accept_waker: AtomicWaker,
-    /// Connections not yet closed; `all_closed` is notified when it drops
-    /// to zero while draining (nobody else waits for it).
-    open: AtomicUsize,
+    /// Notified when `counters.connections` (the open connections, shared
+    /// with the master) drops to zero while draining; nobody else waits.
     all_closed: Notify,
     /// Every open connection, for `host connections`.
     connections: Mutex<Slab<Arc<Connection>>>,
@@ -109,7 +108,6 @@ impl Server {
             close_idle: AtomicBool::new(false),
             stop_accepting: AtomicBool::new(false),
             accept_waker: AtomicWaker::new(),
-            open: AtomicUsize::new(0),
             all_closed: Notify::new(),
             connections: Mutex::new(Slab::new()),
         })
@@ -150,8 +148,7 @@ impl Server {
     }
 
     async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
-        self.open.fetch_add(1, Ordering::SeqCst);
-        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        self.counters.connections.fetch_add(1, Ordering::SeqCst);
         let connection = Arc::new(Connection::new(
             self.clone(),
             PeerAddr::new(peer),
@@ -194,8 +191,9 @@ impl Server {
         .await;
         log_connection_end(result);
         self.registry().try_remove(key);
-        self.counters.connections.fetch_sub(1, Ordering::Relaxed);
-        if self.open.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
+        if self.counters.connections.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.draining.load(Ordering::SeqCst)
+        {
             self.all_closed.notify_waiters();
         }
     }
@@ -279,7 +277,7 @@ impl Server {
             tokio::pin!(notified);
             // Registered before the check, so a close in between still wakes us.
             notified.as_mut().enable();
-            if self.open.load(Ordering::SeqCst) == 0 {
+            if self.counters.connections.load(Ordering::SeqCst) == 0 {
                 return;
             }
             notified.await;
