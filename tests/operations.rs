@@ -105,25 +105,12 @@ fn a_socket_activated_listener_is_adopted() {
     assert!(host.log().contains("socket-activated"), "{}", host.log());
 }
 
-fn metrics(admin: &str) -> String {
-    get(admin.parse().unwrap(), "/metrics").body
-}
-
-fn metric(text: &str, name_and_labels: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)
-                .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn metrics_count_requests_and_never_go_backwards_across_a_reload() {
     let dir = TestDir::new("metrics");
     let config = sample_config(&dir, 2, "admin = \"127.0.0.1:0\"");
     let host = Host::start(dir, &config);
-    let admin = host.status()["admin"].as_str().unwrap().to_owned();
+    let admin = host.admin();
     let v1 = host.status()["groups"][0]["version"]
         .as_str()
         .unwrap()

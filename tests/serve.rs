@@ -16,6 +16,17 @@ fn start_sample(name: &str, count: usize, extra: &str) -> Host {
     Host::start(dir, &config)
 }
 
+/// One worker with `extra` group settings and an admin address.
+fn start_with_admin(name: &str, extra: &str) -> Host {
+    let dir = TestDir::new(name);
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    let config = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        one_group_config(&handler, 1, extra)
+    );
+    Host::start(dir, &config)
+}
+
 #[test]
 fn serves_the_sample_routes() {
     let host = start_sample("routes", 2, "");
@@ -118,7 +129,7 @@ fn assert_closed_by_server(stream: &mut TcpStream, what: &str) {
 
 #[test]
 fn connections_that_wait_past_the_header_timeout_are_closed() {
-    let host = start_sample("header-timeout", 1, "header_timeout = \"1s\"");
+    let host = start_with_admin("header-timeout", "header_timeout = \"1s\"");
     // A head that never ends (slowloris) and an idle keep-alive client.
     let mut partial = TcpStream::connect(host.addr).unwrap();
     partial.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -128,6 +139,9 @@ fn connections_that_wait_past_the_header_timeout_are_closed() {
     let mut idle = idle_connection(host.addr, "/version", "v1");
     assert_closed_by_server(&mut partial, "an unfinished head");
     assert_closed_by_server(&mut idle, "an idle keep-alive connection");
+    let text = metrics(&host.admin());
+    let counted = "host_timeouts_total{group=\"web\",kind=\"header\"}";
+    assert_eq!(metric(&text, counted), 2, "{text}");
     // A request busy longer than the timeout is not a waiting connection.
     assert_eq!(get(host.addr, "/sleep?ms=2500").status, 200);
     assert_eq!(get(host.addr, "/").status, 200);
@@ -135,7 +149,7 @@ fn connections_that_wait_past_the_header_timeout_are_closed() {
 
 #[test]
 fn a_stalled_request_body_gets_408_and_a_slow_one_completes() {
-    let host = start_sample("body-timeout", 1, "body_timeout = \"2s\"");
+    let host = start_with_admin("body-timeout", "body_timeout = \"2s\"");
     let head = |length: usize| {
         format!(
             "POST /echo HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n",
@@ -152,6 +166,9 @@ fn a_stalled_request_body_gets_408_and_a_slow_one_completes() {
         .read_to_string(&mut answer)
         .expect("an answer, then the server closes");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let text = metrics(&host.admin());
+    let counted = "host_timeouts_total{group=\"web\",kind=\"body\"}";
+    assert_eq!(metric(&text, counted), 1, "{text}");
     // A byte every 250 ms: 3 s in all, longer than the timeout, but never
     // a pause anywhere near it.
     let mut slow = TcpStream::connect(host.addr).unwrap();

@@ -23,6 +23,18 @@ pub struct WorkerCounters {
     pub connections: AtomicU64,
     /// Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
     pub by_class: [AtomicU64; 5],
+    /// Connections closed at `header_timeout`, requests answered 408 at
+    /// `body_timeout`.
+    pub timeouts: [AtomicU64; 2],
+}
+
+/// Which timeout, as an index of [`WorkerCounters::timeouts`].
+#[derive(Debug, Clone, Copy)]
+pub enum Timeout {
+    /// No (complete) request head in time.
+    Header = 0,
+    /// A request body paused too long.
+    Body = 1,
 }
 
 impl WorkerCounters {
@@ -31,6 +43,11 @@ impl WorkerCounters {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one timeout.
+    pub fn count_timeout(&self, which: Timeout) {
+        self.timeouts[which as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Reads a counter.

@@ -342,6 +342,14 @@ impl Host {
         host
     }
 
+    /// The admin address (`admin = "127.0.0.1:0"` in the config).
+    pub fn admin(&self) -> String {
+        self.status()["admin"]
+            .as_str()
+            .expect("an admin address in the config")
+            .to_owned()
+    }
+
     /// The master's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -571,6 +579,21 @@ pub fn idle_connection(addr: SocketAddr, path: &str, expect: &str) -> TcpStream 
         got.extend_from_slice(&buf[..n]);
     }
     stream
+}
+
+/// The text of `GET /metrics` on an admin address.
+pub fn metrics(admin: &str) -> String {
+    get(admin.parse().unwrap(), "/metrics").body
+}
+
+/// One sample of `metrics` output, by its name and labels; 0 when absent.
+pub fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        })
+        .unwrap_or(0)
 }
 
 /// `GET path`, expecting an answer.

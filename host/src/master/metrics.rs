@@ -38,6 +38,22 @@ struct ExitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimeoutLabels {
+    group: String,
+    kind: String,
+}
+
+/// `WorkerCounters::timeouts` names, by index.
+const TIMEOUT_KINDS: [&str; 2] = ["header", "body"];
+
+/// What was already added to the counters, per live worker.
+#[derive(Default)]
+struct Seen {
+    classes: [u64; 5],
+    timeouts: [u64; 2],
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: String,
 }
@@ -48,12 +64,14 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     in_flight: Family<GroupLabels, Gauge>,
     connections: Family<GroupLabels, Gauge>,
+    timeouts: Family<TimeoutLabels, Counter>,
     worker_starts: Family<GroupLabels, Counter>,
     worker_exits: Family<ExitLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     reload_seconds: Histogram,
-    /// Per live worker, the class counts already added to `requests`.
-    seen: HashMap<WorkerId, [u64; 5]>,
+    /// Per live worker, the counts already added to `requests` and
+    /// `timeouts`.
+    seen: HashMap<WorkerId, Seen>,
 }
 
 /// Why a worker ended, as a metric label.
@@ -86,6 +104,12 @@ impl Default for Metrics {
             "Open client connections",
             connections.clone(),
         );
+        let timeouts = Family::<TimeoutLabels, Counter>::default();
+        registry.register(
+            "timeouts",
+            "Connections closed at header_timeout and requests answered 408 at body_timeout, by kind",
+            timeouts.clone(),
+        );
         let worker_starts = Family::<GroupLabels, Counter>::default();
         registry.register(
             "worker_starts",
@@ -111,6 +135,7 @@ impl Default for Metrics {
             requests,
             in_flight,
             connections,
+            timeouts,
             worker_starts,
             worker_exits,
             reloads,
@@ -165,11 +190,24 @@ impl Metrics {
     /// Adds what a worker served since the last look.
     fn take_counts(&mut self, id: WorkerId, group: &str, version: &str, counters: &WorkerCounters) {
         let seen = self.seen.entry(id).or_default();
+        for (kind, counter) in counters.timeouts.iter().enumerate() {
+            let now = WorkerCounters::get(counter);
+            let delta = now.saturating_sub(seen.timeouts[kind]);
+            if delta > 0 {
+                seen.timeouts[kind] = now;
+                self.timeouts
+                    .get_or_create(&TimeoutLabels {
+                        group: group.to_owned(),
+                        kind: TIMEOUT_KINDS[kind].to_owned(),
+                    })
+                    .inc_by(delta);
+            }
+        }
         for (class, counter) in counters.by_class.iter().enumerate() {
             let now = WorkerCounters::get(counter);
-            let delta = now.saturating_sub(seen[class]);
+            let delta = now.saturating_sub(seen.classes[class]);
             if delta > 0 {
-                seen[class] = now;
+                seen.classes[class] = now;
                 self.requests
                     .get_or_create(&RequestLabels {
                         group: group.to_owned(),

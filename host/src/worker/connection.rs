@@ -25,6 +25,7 @@ use smallvec::SmallVec;
 use super::abi::{plain, HttpResponse};
 use super::peer::PeerAddr;
 use super::server::Server;
+use crate::counters::Timeout;
 
 /// One connection: what its requests need, and what `host connections`
 /// shows of it (written by the connection's own task, read rarely).
@@ -145,6 +146,7 @@ impl Connection {
             match frame {
                 None => {
                     tracing::debug!(peer = self.peer.as_str(), "body timeout; 408");
+                    self.server.counters.count_timeout(Timeout::Body);
                     let mut refusal = plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n");
                     refusal
                         .headers_mut()

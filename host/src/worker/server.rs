@@ -43,7 +43,7 @@ use super::abi::{call_handler, plain, HttpResponse};
 use super::connection::{Connection, Phase};
 use super::peer::PeerAddr;
 use crate::config::Dispatch;
-use crate::counters::SharedCounters;
+use crate::counters::{SharedCounters, Timeout};
 use crate::protocol::worker::ConnectionInfo;
 
 /// What every connection of a worker shares.
@@ -180,6 +180,7 @@ impl Server {
                 // and hyper's graceful shutdown would wait for the head.
                 // (A stalled body is answered 408 by `read_body`.)
                 tracing::debug!(peer = connection.peer.as_str(), "header timeout; closed");
+                self.counters.count_timeout(Timeout::Header);
                 return Poll::Ready(Ok(()));
             }
             if !closing && self.close_idle.load(Ordering::SeqCst) {
