@@ -146,39 +146,43 @@ fn other_api_workspace(target: &Path) -> PathBuf {
     let manifest = root.join("handler-api/Cargo.toml");
     let ours = format!("version = \"{}\"", handler_api_version());
     let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains(&ours), "no {ours} in {}", manifest.display());
     let theirs = format!("version = \"{OTHER_API_VERSION}\"");
     std::fs::write(&manifest, text.replacen(&ours, &theirs, 1)).unwrap();
     std::fs::copy(workspace().join("Cargo.lock"), root.join("Cargo.lock")).unwrap();
-    std::fs::write(
-        root.join("Cargo.toml"),
-        r#"[workspace]
-resolver = "2"
-members = ["handler-api", "sample-handler"]
-
-[workspace.package]
-edition = "2021"
-license = "MIT OR Apache-2.0"
-rust-version = "1.88"
-
-[workspace.dependencies]
-abi_stable = { version = "0.11.3", default-features = false }
-handler-api = { path = "handler-api" }
-"#,
-    )
-    .unwrap();
+    // The workspace's own settings and dependency specs, for two members.
+    let ours = manifest_of(&workspace().join("Cargo.toml"));
+    let mut workspace_table = ours["workspace"].as_table().unwrap().clone();
+    workspace_table.remove("default-members");
+    workspace_table.insert(
+        "members".into(),
+        toml::Value::from(vec!["handler-api", "sample-handler"]),
+    );
+    let dependencies = workspace_table["dependencies"].as_table().unwrap();
+    let kept: toml::Table = ["abi_stable", "handler-api"]
+        .into_iter()
+        .map(|name| (name.to_owned(), dependencies[name].clone()))
+        .collect();
+    workspace_table.insert("dependencies".into(), toml::Value::Table(kept));
+    let mut manifest = toml::Table::new();
+    manifest.insert("workspace".into(), toml::Value::Table(workspace_table));
+    std::fs::write(root.join("Cargo.toml"), manifest.to_string()).unwrap();
     root
 }
 
 /// handler-api's version, from its manifest (the host speaks this one).
 pub fn handler_api_version() -> String {
-    let text = std::fs::read_to_string(workspace().join("handler-api/Cargo.toml")).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("version = "))
-        .expect("handler-api/Cargo.toml has a version line");
-    line.trim_start_matches("version = ")
-        .trim_matches('"')
+    manifest_of(&workspace().join("handler-api/Cargo.toml"))["package"]["version"]
+        .as_str()
+        .expect("handler-api/Cargo.toml has a version")
         .to_owned()
+}
+
+fn manifest_of(path: &Path) -> toml::Table {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn copy_dir(from: &Path, to: &Path) {

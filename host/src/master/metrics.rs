@@ -191,10 +191,7 @@ impl Metrics {
     fn take_counts(&mut self, id: WorkerId, group: &str, version: &str, counters: &WorkerCounters) {
         let seen = self.seen.entry(id).or_default();
         for (kind, counter) in counters.timeouts.iter().enumerate() {
-            let now = WorkerCounters::get(counter);
-            let delta = now.saturating_sub(seen.timeouts[kind]);
-            if delta > 0 {
-                seen.timeouts[kind] = now;
+            if let Some(delta) = increase(counter, &mut seen.timeouts[kind]) {
                 self.timeouts
                     .get_or_create(&TimeoutLabels {
                         group: group.to_owned(),
@@ -204,10 +201,7 @@ impl Metrics {
             }
         }
         for (class, counter) in counters.by_class.iter().enumerate() {
-            let now = WorkerCounters::get(counter);
-            let delta = now.saturating_sub(seen.classes[class]);
-            if delta > 0 {
-                seen.classes[class] = now;
+            if let Some(delta) = increase(counter, &mut seen.classes[class]) {
                 self.requests
                     .get_or_create(&RequestLabels {
                         group: group.to_owned(),
@@ -250,6 +244,14 @@ impl Metrics {
         }
         text
     }
+}
+
+/// How much a worker's counter grew since `seen`, which it then becomes.
+fn increase(counter: &std::sync::atomic::AtomicU64, seen: &mut u64) -> Option<u64> {
+    let now = WorkerCounters::get(counter);
+    let delta = now.saturating_sub(*seen);
+    *seen = now.max(*seen);
+    (delta > 0).then_some(delta)
 }
 
 fn group_labels(group: &str) -> GroupLabels {

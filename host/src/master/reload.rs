@@ -47,7 +47,8 @@ pub struct ReloadRun {
     step: Option<Step>,
     /// Why the reload is being rolled back.
     failure: Option<String>,
-    /// Old workers told to drain that are not gone yet.
+    /// Workers the reload waits to see gone: old ones told to drain, and
+    /// refused replacements (sent SIGKILL).
     retiring: BTreeSet<WorkerId>,
     ready_at: Option<Instant>,
     killed: Vec<KilledWorker>,
@@ -75,9 +76,9 @@ pub struct QueuedReload {
 }
 
 impl Master {
-    /// Starts a reload, or queues it behind the running one. `snapshot`:
-    /// the handler file of `group`, just snapshotted by the caller (watch
-    /// mode), used if the reload starts now.
+    /// Starts a reload, or queues it behind the running one. `snapshot`: a
+    /// handler file just snapshotted by the caller (watch mode), used for
+    /// the groups that load that file if the reload starts now.
     pub fn request_reload(
         &mut self,
         group: Option<String>,
@@ -113,7 +114,7 @@ impl Master {
         &mut self,
         group: Option<String>,
         waiters: Vec<Reply>,
-        mut snapshot: Option<Arc<Version>>,
+        snapshot: Option<Arc<Version>>,
     ) {
         let started = Instant::now();
         let pins = match pins::load_pins(&self.run_dir) {
@@ -133,7 +134,9 @@ impl Master {
                 notified.push(g.config.name.clone());
                 continue;
             }
-            match pins::chosen_version(&self.store, &pins, &g.config, snapshot.take()) {
+            // A snapshot is of one file: it stands for the groups loading it.
+            let fresh = snapshot.clone().filter(|s| s.source == g.config.handler);
+            match pins::chosen_version(&self.store, &pins, &g.config, fresh) {
                 Ok(to) => targets.push(Target {
                     group: index,
                     from: g.version.clone(),

@@ -19,7 +19,7 @@ pub fn plain(status: StatusCode, body: &'static str) -> HttpResponse {
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
+        HeaderValue::from_static(handler_api::TEXT_PLAIN),
     );
     response
 }

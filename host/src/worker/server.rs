@@ -59,12 +59,13 @@ pub struct Server {
     body_timeout_secs: u64,
     /// Seconds since the server started, advanced by `expire_idle`.
     clock: AtomicU64,
+    /// Set when the drain (or stop) begins: the accept loop stops and every
+    /// response carries `Connection: close`.
     pub(super) draining: AtomicBool,
     /// Set when the connections left must close (gracefully: in-flight
     /// requests finish); each connection's waker is then woken.
     close_idle: AtomicBool,
-    /// Set when the drain begins; `accept_waker` is then woken.
-    stop_accepting: AtomicBool,
+    /// Woken when `draining` is set: the accept loop stops.
     accept_waker: AtomicWaker,
     /// Notified when `counters.connections` (the open connections, shared
     /// with the master) drops to zero while draining; nobody else waits.
@@ -106,7 +107,6 @@ impl Server {
             clock: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             close_idle: AtomicBool::new(false),
-            stop_accepting: AtomicBool::new(false),
             accept_waker: AtomicWaker::new(),
             all_closed: Notify::new(),
             connections: Mutex::new(Slab::new()),
@@ -125,7 +125,7 @@ impl Server {
             // future to build and poll per accepted connection.
             let accepted = std::future::poll_fn(|cx| {
                 self.accept_waker.register(cx.waker());
-                if self.stop_accepting.load(Ordering::SeqCst) {
+                if self.draining.load(Ordering::SeqCst) {
                     return Poll::Ready(None);
                 }
                 listener.poll_accept(cx).map(Some)
@@ -260,8 +260,7 @@ impl Server {
     /// Returns whether every connection closed before `stop_timeout`.
     pub async fn drain(&self, lame_duck: Duration, stop_timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + stop_timeout;
-        self.draining.store(true, Ordering::SeqCst);
-        self.stop_accept();
+        self.start_draining();
         let lame_duck_end = tokio::time::Instant::now() + lame_duck;
         let _ = tokio::time::timeout_at(lame_duck_end.min(deadline), self.all_closed()).await;
         self.close_connections();
@@ -287,8 +286,7 @@ impl Server {
 
     /// Stops at once: no more accepting, every connection closed.
     pub fn stop_now(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-        self.stop_accept();
+        self.start_draining();
         self.close_connections();
     }
 
@@ -317,10 +315,10 @@ impl Server {
         }
     }
 
-    /// Stops the accept loop; the listening socket stays open for the
-    /// other workers.
-    fn stop_accept(&self) {
-        self.stop_accepting.store(true, Ordering::SeqCst);
+    /// Answers with `Connection: close` from now on and stops the accept
+    /// loop; the listening socket stays open for the other workers.
+    fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
         self.accept_waker.wake();
     }
 
