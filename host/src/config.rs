@@ -278,6 +278,19 @@ impl RunDir {
             root: config.run_dir.clone(),
         }
     }
+    /// Creates the directory (owner-only) if it is missing, then checks
+    /// that it, the directories above it and everything in it belong to
+    /// `owners`: a run directory another user prepared is refused, never
+    /// adopted.
+    pub fn prepare(&self, owners: crate::trust::Owners) -> Result<()> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .with_context(|| format!("cannot create run directory {}", self.root.display()))?;
+        crate::trust::check_tree(&self.root, owners).context("refusing to use the run directory")
+    }
     /// The master's control socket.
     pub fn control_socket(&self) -> PathBuf {
         self.root.join("control.sock")

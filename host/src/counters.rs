@@ -26,6 +26,8 @@ pub struct WorkerCounters {
     /// Connections closed at `header_timeout`, requests answered 408 at
     /// `body_timeout`.
     pub timeouts: [AtomicU64; 2],
+    /// Failed `accept` calls (out of file descriptors, mostly).
+    pub accept_errors: AtomicU64,
 }
 
 /// Which timeout, as an index of [`WorkerCounters::timeouts`].

@@ -5,7 +5,8 @@
 //! - `master/`: supervisor, reload, control socket, handler store;
 //! - `worker/`: handler loader, HTTP server, drain;
 //! - `protocol/`: messages between CLI, master and workers;
-//! - `counters`: per-worker counters in shared memory.
+//! - `counters`: per-worker counters in shared memory;
+//! - `trust`: which files the host may load (owners and modes).
 //!
 //! The binary is [`main`]; the library exists so the ABI benchmark can
 //! measure the very call a worker makes ([`abi`]).
@@ -16,6 +17,7 @@ mod counters;
 mod logfile;
 mod master;
 mod protocol;
+mod trust;
 mod worker;
 
 use std::process::ExitCode;
@@ -33,7 +35,7 @@ pub fn main() -> ExitCode {
     logfile::init(json);
     match cli.command {
         cli::Command::Worker => return worker::run(),
-        cli::Command::Inspect { file } => return worker::inspect(&file),
+        cli::Command::Inspect { file, source } => return worker::inspect(&file, &source),
         _ => {}
     }
     match cli::run(cli.command) {

@@ -162,13 +162,17 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         group: Option<String>,
     },
-    /// Remove versions that are neither pinned, nor running, nor recent
+    /// Remove versions that are neither pinned, running, wanted by a group
+    /// (starting or in crash backoff), a rollback target, labelled, nor recent
     Gc {
         #[command(flatten)]
         config: ConfigArg,
         /// How many of the most recently added versions to keep
         #[arg(long, default_value_t = 5)]
         keep: usize,
+        /// Remove labelled versions too (never pinned, running or rollback targets)
+        #[arg(long)]
+        labelled: bool,
     },
     /// Internal: a worker process, started by the master
     #[command(hide = true)]
@@ -176,8 +180,10 @@ pub enum Command {
     /// Internal: load a handler library and print how it describes itself
     #[command(hide = true)]
     Inspect {
-        /// The handler library
+        /// The handler library (a store copy)
         file: PathBuf,
+        /// The file it was copied from, for messages
+        source: PathBuf,
     },
 }
 
@@ -240,7 +246,11 @@ pub fn run(command: Command) -> Result<ExitCode> {
                 other => other,
             }
         }
-        Command::Gc { config, keep } => versions::gc(&load(&config)?, keep),
+        Command::Gc {
+            config,
+            keep,
+            labelled,
+        } => versions::gc(&load(&config)?, keep, labelled),
         Command::Worker | Command::Inspect { .. } => unreachable!("handled in main"),
     }
 }
@@ -341,7 +351,21 @@ fn ask(
     request: &ControlRequest,
 ) -> Result<impl Iterator<Item = Result<ControlReply>>> {
     let path = RunDir::of(config).control_socket();
-    let mut stream = UnixStream::connect(&path).map_err(|_| NotRunning(path.clone()))?;
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let owner = std::fs::metadata(&path).map(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                m.uid()
+            });
+            bail!(
+                "permission denied on the control socket {}: host runs as uid {}; run this command as that user or as root",
+                path.display(),
+                owner.map_or_else(|_| "?".to_owned(), |uid| uid.to_string())
+            )
+        }
+        Err(_) => return Err(NotRunning(path.clone()).into()),
+    };
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream
@@ -351,6 +375,14 @@ fn ask(
         let line = line.context("lost the connection to the master")?;
         serde_json::from_str(&line).with_context(|| format!("bad reply from the master: {line}"))
     }))
+}
+
+/// A reply, or the master's refusal as an error.
+fn unless_error(reply: ControlReply) -> Result<ControlReply> {
+    match reply {
+        ControlReply::Error { message } => bail!("{message}"),
+        reply => Ok(reply),
+    }
 }
 
 fn stop(config: &Config, now: bool) -> Result<ExitCode> {
@@ -373,7 +405,7 @@ pub fn try_status(config: &Config) -> Result<Option<StatusReport>> {
         Err(e) => return Err(e),
     };
     for reply in replies {
-        if let ControlReply::Status(report) = reply? {
+        if let ControlReply::Status(report) = unless_error(reply?)? {
             return Ok(Some(report));
         }
     }
@@ -382,7 +414,7 @@ pub fn try_status(config: &Config) -> Result<Option<StatusReport>> {
 
 fn status(config: &Config, json: bool) -> Result<ExitCode> {
     for reply in ask(config, &ControlRequest::Status)? {
-        if let ControlReply::Status(report) = reply? {
+        if let ControlReply::Status(report) = unless_error(reply?)? {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -396,7 +428,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
 
 fn connections(config: &Config, json: bool) -> Result<ExitCode> {
     for reply in ask(config, &ControlRequest::Connections)? {
-        if let ControlReply::Connections { workers } = reply? {
+        if let ControlReply::Connections { workers } = unless_error(reply?)? {
             if json {
                 println!("{}", serde_json::to_string_pretty(&workers)?);
                 return Ok(ExitCode::SUCCESS);
@@ -531,8 +563,8 @@ fn describe_step(step: &ReloadStep) -> String {
 fn print_outcome(outcome: &ReloadOutcome) -> ExitCode {
     for killed in &outcome.killed {
         println!(
-            "killed {}/{} pid {} at its stop timeout with {} request(s) in flight",
-            killed.group, killed.slot, killed.pid, killed.in_flight
+            "killed {}/{} pid {} at its stop timeout with {} connection(s) open and {} request(s) in flight",
+            killed.group, killed.slot, killed.pid, killed.connections, killed.in_flight
         );
     }
     for name in &outcome.notified {

@@ -16,9 +16,13 @@ use super::try_status;
 use crate::config::{Config, GroupConfig, RunDir};
 use crate::master::pins;
 use crate::master::store::{short, HandlerStore, VersionInfo};
+use crate::trust::Owners;
 
 fn store(config: &Config) -> Result<HandlerStore> {
-    HandlerStore::open(&RunDir::of(config).store())
+    let run_dir = RunDir::of(config);
+    let owners = Owners::for_user(config.user.as_deref());
+    run_dir.prepare(owners)?;
+    HandlerStore::open(&run_dir.store(), owners)
 }
 
 /// The group a version command is about: the named one, or the only one.
@@ -58,24 +62,23 @@ pub fn deploy(
     let output = std::process::Command::new("/proc/self/exe")
         .arg("inspect")
         .arg(&version.path)
+        .arg(file)
         .env("LD_BIND_NOW", "1")
         .output()
         .context("cannot check the handler")?;
     if !output.status.success() {
         if !known.contains(&version.hash) {
+            let _lock = store.lock()?;
             store.remove(&version.hash)?;
         }
         let reason = String::from_utf8_lossy(&output.stderr);
-        let reason = reason.trim().replace(
-            &version.path.display().to_string(),
-            &file.display().to_string(),
-        );
+        let reason = reason.trim();
         bail!(
             "not deployed: {}",
             if reason.is_empty() {
                 "the handler crashed while loading"
             } else {
-                &reason
+                reason
             }
         );
     }
@@ -228,25 +231,42 @@ pub fn rollback(config: &Config, group_name: Option<&str>) -> Result<String> {
     Ok(group.name.clone())
 }
 
-/// `host gc`.
-pub fn gc(config: &Config, keep: usize) -> Result<ExitCode> {
+/// `host gc`: removes versions nothing needs. Kept: pinned ones; those a
+/// running master's workers run or its groups want (a slot starting or in
+/// crash backoff has no worker to show); each group's current version and
+/// its rollback target from the history; labelled ones unless `labelled`;
+/// and the `keep` most recently added.
+pub fn gc(config: &Config, keep: usize, labelled: bool) -> Result<ExitCode> {
     let run_dir = RunDir::of(config);
     let store = store(config)?;
+    let _lock = store.lock()?;
     let versions = store.list()?;
-    let mut kept: BTreeSet<String> = pins::load_pins(&run_dir)?.into_values().collect();
+    let mut wanted: Vec<String> = pins::load_pins(&run_dir)?.into_values().collect();
     if let Some(status) = try_status(config)? {
-        for worker in &status.workers {
-            kept.extend(
-                versions
-                    .iter()
-                    .filter(|v| v.hash.starts_with(&worker.version))
-                    .map(|v| v.hash.clone()),
-            );
+        wanted.extend(status.workers.iter().map(|w| w.version.clone()));
+        for group in &status.groups {
+            wanted.push(group.version.clone());
+            wanted.extend(group.slot_versions.iter().cloned());
         }
     }
-    kept.extend(versions.iter().rev().take(keep).map(|v| v.hash.clone()));
+    let history = pins::load_history(&run_dir)?;
+    for (group, runs) in &history {
+        if let Some(current) = runs.last() {
+            wanted.push(current.clone());
+            wanted.extend(pins::previous(&history, group, current));
+        }
+    }
+    let kept: BTreeSet<&str> = versions
+        .iter()
+        .filter(|v| {
+            wanted.iter().any(|w| v.hash.starts_with(w.as_str()))
+                || (v.label.is_some() && !labelled)
+        })
+        .chain(versions.iter().rev().take(keep))
+        .map(|v| v.hash.as_str())
+        .collect();
     let mut removed = 0;
-    for version in versions.iter().filter(|v| !kept.contains(&v.hash)) {
+    for version in versions.iter().filter(|v| !kept.contains(v.hash.as_str())) {
         store.remove(&version.hash)?;
         println!(
             "removed {}{}",

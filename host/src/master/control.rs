@@ -41,14 +41,19 @@ pub async fn serve(listener: UnixListener, events: mpsc::UnboundedSender<Event>)
 
 async fn connection(stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
     let own_uid = nix::unistd::geteuid().as_raw();
-    match stream.peer_cred() {
-        Ok(cred) if cred.uid() == own_uid || cred.uid() == 0 => {}
+    let peer_uid = stream.peer_cred().map(|cred| cred.uid());
+    let (reader, mut writer) = stream.into_split();
+    match peer_uid {
+        Ok(uid) if uid == own_uid || uid == 0 => {}
         _ => {
-            tracing::warn!("control connection from another user refused");
+            tracing::warn!(uid = ?peer_uid.ok(), "control connection from another user refused");
+            let message = format!(
+                "permission denied: host runs as uid {own_uid}; run this command as that user or as root"
+            );
+            let _ = write_line(&mut writer, &ControlReply::Error { message }).await;
             return;
         }
     }
-    let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::new(reader);
     let request = match read_line::<_, ControlRequest>(&mut reader).await {
         Ok(Some(request)) => request,

@@ -51,6 +51,7 @@ const TIMEOUT_KINDS: [&str; 2] = ["header", "body"];
 struct Seen {
     classes: [u64; 5],
     timeouts: [u64; 2],
+    accept_errors: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,8 +66,11 @@ pub struct Metrics {
     in_flight: Family<GroupLabels, Gauge>,
     connections: Family<GroupLabels, Gauge>,
     timeouts: Family<TimeoutLabels, Counter>,
+    accept_errors: Family<GroupLabels, Counter>,
     worker_starts: Family<GroupLabels, Counter>,
     worker_exits: Family<ExitLabels, Counter>,
+    killed_connections: Family<GroupLabels, Counter>,
+    killed_requests: Family<GroupLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     reload_seconds: Histogram,
     /// Per live worker, the counts already added to `requests` and
@@ -110,6 +114,12 @@ impl Default for Metrics {
             "Connections closed at header_timeout and requests answered 408 at body_timeout, by kind",
             timeouts.clone(),
         );
+        let accept_errors = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "accept_errors",
+            "Failed accepts on a group's listener (e.g. out of file descriptors)",
+            accept_errors.clone(),
+        );
         let worker_starts = Family::<GroupLabels, Counter>::default();
         registry.register(
             "worker_starts",
@@ -121,6 +131,18 @@ impl Default for Metrics {
             "worker_exits",
             "Worker processes ended, by reason",
             worker_exits.clone(),
+        );
+        let killed_connections = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "killed_connections",
+            "Client connections cut because their worker was killed at its stop timeout",
+            killed_connections.clone(),
+        );
+        let killed_requests = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "killed_requests",
+            "Requests in flight when their worker was killed at its stop timeout",
+            killed_requests.clone(),
         );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads, by result", reloads.clone());
@@ -136,8 +158,11 @@ impl Default for Metrics {
             in_flight,
             connections,
             timeouts,
+            accept_errors,
             worker_starts,
             worker_exits,
+            killed_connections,
+            killed_requests,
             reloads,
             reload_seconds,
             seen: HashMap::new(),
@@ -176,6 +201,13 @@ impl Metrics {
             .inc();
     }
 
+    /// A worker was killed at its stop timeout with these still open.
+    pub fn worker_killed(&mut self, group: &str, connections: u64, in_flight: u64) {
+        let labels = group_labels(group);
+        self.killed_connections.get_or_create(&labels).inc_by(connections);
+        self.killed_requests.get_or_create(&labels).inc_by(in_flight);
+    }
+
     /// A reload ended.
     pub fn reload_done(&mut self, ok: bool, seconds: f64) {
         let result = if ok { "ok" } else { "failed" };
@@ -190,6 +222,11 @@ impl Metrics {
     /// Adds what a worker served since the last look.
     fn take_counts(&mut self, id: WorkerId, group: &str, version: &str, counters: &WorkerCounters) {
         let seen = self.seen.entry(id).or_default();
+        if let Some(delta) = increase(&counters.accept_errors, &mut seen.accept_errors) {
+            self.accept_errors
+                .get_or_create(&group_labels(group))
+                .inc_by(delta);
+        }
         for (kind, counter) in counters.timeouts.iter().enumerate() {
             if let Some(delta) = increase(counter, &mut seen.timeouts[kind]) {
                 self.timeouts

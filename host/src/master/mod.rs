@@ -23,7 +23,7 @@ mod watch;
 use std::fs;
 use std::io::Write as _;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::process::ExitStatus;
 
 use anyhow::{Context as _, Result};
@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, RunDir};
 use crate::protocol::control::{ControlReply, ControlRequest};
 use crate::protocol::worker::FromWorker;
+use crate::trust::Owners;
 pub use spawn::POOL_THREADS_ENV;
 use store::HandlerStore;
 use supervisor::{Master, WorkerId};
@@ -97,15 +98,13 @@ pub fn run(config: Config, mut ready: Option<OwnedFd>) -> Result<()> {
 
 fn run_master(config: Config, ready: &mut Option<OwnedFd>) -> Result<()> {
     let run_dir = RunDir::of(&config);
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&run_dir.root)
-        .with_context(|| format!("cannot create run directory {}", run_dir.root.display()))?;
+    // Before anything in it is used (or handed to `user`).
+    let owners = Owners::for_user(config.user.as_deref());
+    run_dir.prepare(owners)?;
     let _lock = lock_run_dir(&run_dir)?;
     let activated = systemd::take_listeners()?;
     let run_as = privileges::RunAs::resolve(config.user.as_deref())?;
-    let store = HandlerStore::open(&run_dir.store())?;
+    let store = HandlerStore::open(&run_dir.store(), owners)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -361,7 +361,7 @@ impl Master {
     }
 
     /// A retiring worker was killed at its stop timeout.
-    pub fn reload_worker_killed(&mut self, id: WorkerId, in_flight: u64) {
+    pub fn reload_worker_killed(&mut self, id: WorkerId, in_flight: u64, connections: u64) {
         let Some(run) = self.reload.as_mut() else {
             return;
         };
@@ -376,6 +376,7 @@ impl Master {
             slot: worker.slot,
             pid: worker.pid,
             in_flight,
+            connections,
         });
     }
 

@@ -8,10 +8,17 @@
 //! changes meanwhile. Beside each library, `<sha256>.json` keeps what people
 //! want to know about it: label, source, size, when it was added, and the
 //! name and version the handler reports once it has run.
+//!
+//! Integrity: an entry is trusted only once its bytes hash to its name (an
+//! existing entry is re-read on import and rewritten if it does not match,
+//! and the worker checks the bytes again through the descriptor it loads
+//! from); the store and the run directory above it must belong to root or
+//! the host's user (see [`crate::trust`]). Metadata changes (labels, gc) run
+//! under an exclusive lock on `<store>/.lock`, and labels are unique.
 
 use std::fs;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,6 +26,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::trust::{self, Owners};
 
 /// One handler build in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,44 +73,78 @@ pub struct VersionInfo {
 #[derive(Debug, Clone)]
 pub struct HandlerStore {
     dir: PathBuf,
+    owners: Owners,
+}
+
+/// Held while the store's metadata is read and changed.
+pub struct StoreLock {
+    _flock: nix::fcntl::Flock<fs::File>,
 }
 
 impl HandlerStore {
-    /// Opens (creating if needed) the store at `dir`, owner-only.
-    pub fn open(dir: &Path) -> Result<HandlerStore> {
+    /// Opens (creating if needed) the store at `dir`, owner-only, after
+    /// checking that it and everything in it belongs to `owners`.
+    pub fn open(dir: &Path, owners: Owners) -> Result<HandlerStore> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("cannot create the handler store {}", dir.display()))?;
+        trust::check_tree(dir, owners).context("refusing to use the handler store")?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot restrict the handler store {}", dir.display()))?;
         Ok(HandlerStore {
             dir: dir.to_owned(),
+            owners,
         })
+    }
+
+    /// Locks the store's metadata against other `host` processes until the
+    /// lock is dropped.
+    pub fn lock(&self) -> Result<StoreLock> {
+        let path = self.dir.join(".lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map(|flock| StoreLock { _flock: flock })
+            .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", path.display()))
     }
 
     /// Snapshots `source` into the store and returns its version.
     ///
-    /// Refused: a file other users could have written (loading it runs
-    /// their code) unless `allow_writable`, and anything that is not a
-    /// complete shared library.
+    /// Refused: a file that a user other than root or the host's own could
+    /// change, or that sits below a directory they could change (loading it
+    /// runs their code), unless `allow_writable`; anything that is not a
+    /// complete shared library; a label that is invalid or names another
+    /// version, or a new label for a version that already has one.
     pub fn import(
         &self,
         source: &Path,
         label: Option<&str>,
         allow_writable: bool,
     ) -> Result<Arc<Version>> {
-        if !allow_writable {
-            check_not_writable_by_others(source)
-                .with_context(|| format!("handler {}", source.display()))?;
+        if let Some(label) = label {
+            check_label(label)?;
         }
-        let bytes = fs::read(source)
+        let read_from = if allow_writable {
+            source.to_owned()
+        } else {
+            trust::check_path(source, self.owners)
+                .with_context(|| format!("refusing to load handler {}", source.display()))
+                .context("fix the owner or mode, or set allow_writable_handler = true")?
+        };
+        let bytes = fs::read(&read_from)
             .with_context(|| format!("cannot read handler {}", source.display()))?;
         check_shared_library(&bytes).with_context(|| format!("handler {}", source.display()))?;
         let hash = hash_bytes(&bytes);
         let path = self.library(&hash);
-        if !path.exists() {
+        let _lock = self.lock()?;
+        if !self.holds_exactly(&hash) {
             self.write_atomically(&path, &bytes)
                 .with_context(|| format!("cannot store handler {}", source.display()))?;
         }
@@ -114,6 +157,7 @@ impl HandlerStore {
             handler: None,
         });
         if let Some(label) = label {
+            self.check_label_free(label, &info)?;
             info.label = Some(label.to_owned());
         }
         self.save_info(&info)?;
@@ -122,6 +166,46 @@ impl HandlerStore {
             path,
             source: source.to_owned(),
         }))
+    }
+
+    /// Whether the entry named `hash` exists and its bytes hash to its name;
+    /// an entry that does not match is reported (it is then rewritten).
+    fn holds_exactly(&self, hash: &str) -> bool {
+        let path = self.library(hash);
+        let Ok(bytes) = fs::read(&path) else {
+            return false;
+        };
+        let found = hash_bytes(&bytes);
+        if found != hash {
+            tracing::warn!(
+                path = %path.display(),
+                found = short(&found),
+                "store entry does not match its name (corrupted or tampered with); replacing it"
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Refuses a label that another version has, or a second label for one.
+    fn check_label_free(&self, label: &str, info: &VersionInfo) -> Result<()> {
+        if let Some(other) = self
+            .list()?
+            .into_iter()
+            .find(|v| v.label.as_deref() == Some(label) && v.hash != info.hash)
+        {
+            bail!(
+                "label {label:?} already names version {}; labels are unique (pick another, or `host gc --labelled` the old one)",
+                short(&other.hash)
+            );
+        }
+        match &info.label {
+            Some(existing) if existing != label => bail!(
+                "version {} is already labelled {existing:?}; a version keeps the label it was first deployed with",
+                short(&info.hash)
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// The stored version with this exact hash.
@@ -145,30 +229,33 @@ impl HandlerStore {
         }))
     }
 
-    /// Finds a version by label (the newest with it) or unique hash prefix.
+    /// Finds a version by label or unique hash prefix (at least 4 digits);
+    /// a name that could mean more than one version is an error that lists
+    /// them.
     pub fn resolve(&self, spec: &str) -> Result<String> {
         let versions = self.list()?;
-        if let Some(info) = versions
+        let lower = spec.to_ascii_lowercase();
+        let mut candidates: Vec<&VersionInfo> = versions
             .iter()
-            .rev()
-            .find(|v| v.label.as_deref() == Some(spec))
-        {
-            return Ok(info.hash.clone());
-        }
-        let spec = spec.to_ascii_lowercase();
-        let matches: Vec<&VersionInfo> = versions
-            .iter()
-            .filter(|v| v.hash.starts_with(&spec))
+            .filter(|v| {
+                v.label.as_deref() == Some(spec) || (lower.len() >= 4 && v.hash.starts_with(&lower))
+            })
             .collect();
-        match matches.as_slice() {
-            [one] if spec.len() >= 4 => Ok(one.hash.clone()),
-            [_] => bail!("{spec:?} is too short: give at least 4 hex digits or a label"),
+        candidates.dedup_by(|a, b| a.hash == b.hash);
+        match candidates.as_slice() {
+            [one] => Ok(one.hash.clone()),
+            [] if lower.len() < 4 && versions.iter().any(|v| v.hash.starts_with(&lower)) => {
+                bail!("{spec:?} is too short: give at least 4 hex digits or a label")
+            }
             [] => bail!("no version has the label or hash prefix {spec:?} (see `host versions`)"),
             many => bail!(
-                "{spec:?} matches {} versions ({}); give more digits",
+                "{spec:?} could mean {} versions: {}; give more hex digits or a label",
                 many.len(),
                 many.iter()
-                    .map(|v| short(&v.hash))
+                    .map(|v| match &v.label {
+                        Some(label) => format!("{} (label {label})", short(&v.hash)),
+                        None => short(&v.hash).to_owned(),
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -201,6 +288,7 @@ impl HandlerStore {
 
     /// Records how the handler describes itself.
     pub fn record_handler(&self, hash: &str, handler: &str) -> Result<()> {
+        let _lock = self.lock()?;
         if let Some(mut info) = self.info(hash) {
             if info.handler.as_deref() != Some(handler) {
                 info.handler = Some(handler.to_owned());
@@ -210,7 +298,8 @@ impl HandlerStore {
         Ok(())
     }
 
-    /// Deletes a version (its library and its metadata).
+    /// Deletes a version (its library and its metadata); the caller holds
+    /// the store's lock.
     pub fn remove(&self, hash: &str) -> Result<()> {
         fs::remove_file(self.library(hash))
             .with_context(|| format!("cannot remove version {}", short(hash)))?;
@@ -260,42 +349,31 @@ impl HandlerStore {
     }
 }
 
-fn hash_bytes(bytes: &[u8]) -> String {
+/// The version of these bytes: their sha256 in lower-case hex.
+pub fn hash_bytes(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
+}
+
+/// A label names one version in commands, so it must read as a name: 1 to
+/// 64 of `A-Z a-z 0-9 . _ -`, not starting with `-`, and not only hex
+/// digits (that would read as a hash prefix).
+fn check_label(label: &str) -> Result<()> {
+    let valid_chars = label
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if label.is_empty() || label.len() > 64 || !valid_chars || label.starts_with('-') {
+        bail!("label {label:?} is not valid: use 1 to 64 letters, digits, '.', '_' or '-' (not starting with '-')");
+    }
+    if label.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("label {label:?} is only hex digits, so it would read as a hash prefix: add a letter beyond f (e.g. \"v{label}\")");
+    }
+    Ok(())
 }
 
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Refuses a handler that another user could have replaced: writable by
-/// others, or by a group that is not ours, or in such a directory (unless
-/// the directory is sticky, like /tmp, where others cannot replace our file).
-fn check_not_writable_by_others(path: &Path) -> Result<()> {
-    let our_gid = nix::unistd::getegid().as_raw();
-    let risky = |meta: &fs::Metadata| {
-        let mode = meta.mode();
-        mode & 0o002 != 0 || (mode & 0o020 != 0 && meta.gid() != our_gid)
-    };
-    let meta =
-        fs::metadata(path).with_context(|| format!("cannot read handler {}", path.display()))?;
-    if risky(&meta) {
-        bail!("is writable by other users; refusing to load it (fix its mode, or set allow_writable_handler = true)");
-    }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let dir_meta = fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    if risky(&dir_meta) && dir_meta.mode() & 0o1000 == 0 {
-        bail!(
-            "is in {}, which other users can write to; refusing to load it (fix the directory's mode, or set allow_writable_handler = true)",
-            dir.display()
-        );
-    }
-    Ok(())
 }
 
 /// Refuses what cannot be a complete 64-bit ELF shared library, before a
@@ -370,7 +448,7 @@ mod tests {
     #[test]
     fn same_bytes_same_version_and_read_only_copy() {
         let dir = std::env::temp_dir().join(format!("host-store-test-{}", std::process::id()));
-        let store = HandlerStore::open(&dir.join("store")).unwrap();
+        let store = HandlerStore::open(&dir.join("store"), Owners::current()).unwrap();
         let source = dir.join("lib.so");
         fs::write(&source, fake_library(b"first build")).unwrap();
         let first = store.import(&source, None, false).unwrap();
@@ -392,7 +470,7 @@ mod tests {
     fn missing_and_empty_files_are_refused() {
         let dir =
             std::env::temp_dir().join(format!("host-store-test-empty-{}", std::process::id()));
-        let store = HandlerStore::open(&dir.join("store")).unwrap();
+        let store = HandlerStore::open(&dir.join("store"), Owners::current()).unwrap();
         let missing = store.import(&dir.join("nope.so"), None, false).unwrap_err();
         assert!(format!("{missing:#}").contains("No such file"));
         fs::write(dir.join("empty.so"), b"").unwrap();

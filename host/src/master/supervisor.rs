@@ -513,18 +513,23 @@ impl Master {
         if worker.state != WorkerState::Draining {
             return;
         }
+        // As the worker last published them: a frozen worker cannot say more.
         let in_flight = WorkerCounters::get(&worker.counters.in_flight);
+        let connections = WorkerCounters::get(&worker.counters.connections);
+        let group = self.groups[worker.group].config.name.clone();
         tracing::warn!(
             worker = %self.label(worker.group, worker.slot),
             pid = worker.pid,
+            connections,
             in_flight,
-            "worker did not finish within its stop timeout; killed"
+            "worker did not finish within its stop timeout; killed with {connections} connection(s) open and {in_flight} request(s) in flight"
         );
         let _ = kill(Pid::from_raw(worker.pid as i32), Signal::SIGKILL);
         if let Some(worker) = self.workers.get_mut(&id) {
             worker.killed = true;
         }
-        self.reload_worker_killed(id, in_flight);
+        self.metrics.worker_killed(&group, connections, in_flight);
+        self.reload_worker_killed(id, in_flight, connections);
     }
 
     fn schedule_restart(&mut self, group: usize, slot: usize, quick_death: bool) {
@@ -763,7 +768,7 @@ impl Master {
                     self.request_reload(group, reply, None);
                 } else {
                     let _ = reply.send(ControlReply::Error {
-                        message: "host is starting or stopping; reload refused".into(),
+                        message: "host is starting or stopping".into(),
                     });
                 }
             }
@@ -837,6 +842,7 @@ impl Master {
                 count: g.slots.len(),
                 reloadable: g.config.reloadable,
                 version: g.version.short().to_owned(),
+                slot_versions: g.slots.iter().map(|s| s.version.hash.clone()).collect(),
                 handler: g.config.handler.display().to_string(),
                 ready: self.ready_workers(g),
             })

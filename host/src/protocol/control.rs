@@ -106,6 +106,10 @@ pub struct GroupStatus {
     pub reloadable: bool,
     /// Short hash of the version its workers should run.
     pub version: String,
+    /// Full hashes of every version its slots run or are about to run
+    /// (a slot starting or in crash backoff has no worker to show it).
+    #[serde(default)]
+    pub slot_versions: Vec<String>,
     /// The handler file the group loads from.
     pub handler: String,
     /// Workers of this group that are ready.
@@ -181,8 +185,10 @@ pub struct KilledWorker {
     pub slot: usize,
     /// Process id.
     pub pid: u32,
-    /// Requests it was still answering.
+    /// Requests it was still answering (from its shared counters).
     pub in_flight: u64,
+    /// Client connections it still held, cut by the kill.
+    pub connections: u64,
 }
 
 /// The version change of one group.

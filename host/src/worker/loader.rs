@@ -5,26 +5,83 @@
 //! every type crossing the boundary has the layout this host expects. Its
 //! layout report runs to hundreds of lines; users get a short summary and the
 //! full text is logged at debug level.
+//!
+//! The bytes loaded are the bytes verified: the store copy is opened once,
+//! checked (owner, mode, and that its sha256 is the hash its name says), and
+//! `dlopen`ed through that same descriptor (`/proc/self/fd/N`), so nothing
+//! can swap the file between the check and the load.
 
+use std::fs::File;
+use std::io::Read as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::Path;
 
 use abi_stable::library::{LibraryError, RootModule};
+use anyhow::{bail, Context as _};
 use handler_api::HandlerModuleRef;
 
-/// Loads the handler at `path`; the error is a one-line explanation that
-/// calls the library `shown` (its source file, which users know).
+use crate::master::store::hash_bytes;
+use crate::trust::Owners;
+
+/// Loads the handler store copy at `path` (named `<sha256>.so`); the error
+/// is a one-line explanation that names the store copy and calls the
+/// library `shown` (its source file, which users know).
 ///
 /// abi_stable caches the root module per process, failures included, so
 /// this must be called at most once per worker process.
 pub fn load(path: &Path, shown: &str) -> Result<HandlerModuleRef, String> {
-    HandlerModuleRef::load_from_file(path).map_err(|e| describe(shown, &e))
+    let file = open_verified(path)
+        .map_err(|e| format!("cannot load {} (the store copy of {shown}): {e:#}", path.display()))?;
+    let through = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let loaded = HandlerModuleRef::load_from_file(Path::new(&through))
+        .map_err(|e| describe(path, shown, &e));
+    drop(file);
+    loaded
 }
 
-fn describe(shown: &str, error: &LibraryError) -> String {
+/// Opens a store entry and checks that only root or this process's user
+/// can change it and that its bytes hash to its name.
+fn open_verified(path: &Path) -> anyhow::Result<File> {
+    let expected = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .context("not a handler store path (<sha256>.so)")?;
+    let mut file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    let owners = Owners::current();
+    if !meta.is_file() {
+        bail!("not a regular file");
+    }
+    if !owners.trust(meta.uid()) || meta.mode() & 0o022 != 0 {
+        bail!(
+            "the store copy is owned by uid {} with mode {:04o}; only root or this host's user may own it, and only they may write it",
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut bytes)?;
+    let found = hash_bytes(&bytes);
+    if found != expected {
+        bail!(
+            "its bytes do not match its name (sha256 {found}): the store entry is corrupted or was tampered with; `host reload` stores the handler again"
+        );
+    }
+    Ok(file)
+}
+
+fn describe(path: &Path, shown: &str, error: &LibraryError) -> String {
     match error {
-        LibraryError::OpenError { err, .. } => {
-            format!("cannot load {shown}: {}", open_error_reason(&err.to_string()))
-        }
+        LibraryError::OpenError { err, .. } => format!(
+            "cannot load {} (the store copy of {shown}): {}",
+            path.display(),
+            open_error_reason(&err.to_string())
+        ),
         LibraryError::GetSymbolError { .. } => format!(
             "{shown} is a shared library but not a handler: it exports no handler module \
              (build it with handler_api::export_handler!)"
@@ -57,7 +114,7 @@ fn describe(shown: &str, error: &LibraryError) -> String {
         LibraryError::ParseVersionError(e) => format!("{shown}: bad handler-api version string: {e}"),
         LibraryError::Many(errors) => errors
             .iter()
-            .map(|e| describe(shown, e))
+            .map(|e| describe(path, shown, e))
             .collect::<Vec<_>>()
             .join("; "),
     }
@@ -134,10 +191,27 @@ mod tests {
 
     #[test]
     fn missing_files_are_named() {
-        let Err(error) = load(Path::new("/nonexistent/handler.so"), "handler.so") else {
+        let path = format!("/nonexistent/{}.so", "ab".repeat(32));
+        let Err(error) = load(Path::new(&path), "handler.so") else {
             panic!("a missing file loaded");
         };
-        assert!(error.starts_with("cannot load handler.so: "), "{error}");
+        assert!(
+            error.starts_with(&format!("cannot load {path} (the store copy of handler.so): ")),
+            "{error}"
+        );
         assert!(error.contains("No such file"), "{error}");
+    }
+
+    #[test]
+    fn a_store_entry_whose_bytes_differ_from_its_name_is_refused() {
+        let dir = std::env::temp_dir().join(format!("host-loader-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}.so", hash_bytes(b"the verified bytes")));
+        std::fs::write(&path, b"other bytes").unwrap();
+        let Err(error) = load(&path, "h.so") else {
+            panic!("a tampered entry loaded");
+        };
+        assert!(error.contains("do not match its name"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

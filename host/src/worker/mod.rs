@@ -10,6 +10,11 @@
 //! `ready`. Any failure before `ready` is reported to the master as text and
 //! the worker exits non-zero. The worker leaves when the master says so,
 //! when its channel closes (the master is gone) or on SIGTERM.
+//!
+//! The master's death is also watched from a thread of its own: a handler
+//! call running inline blocks the event loop, which would otherwise keep the
+//! listening socket (and so the port) until the call returns. That thread
+//! closes the listener at once and bounds the rest by `stop_timeout`.
 
 pub mod abi;
 mod connection;
@@ -17,9 +22,9 @@ mod loader;
 mod peer;
 mod server;
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd as _, FromRawFd, OwnedFd};
 use std::process::ExitCode;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use abi_stable::std_types::{RResult, RStr};
@@ -39,6 +44,11 @@ const COUNTERS_FD: i32 = 5;
 
 /// Who this worker is, for lines the handler logs through the host.
 static IDENTITY: OnceLock<(String, usize, String)> = OnceLock::new();
+
+/// Whether fd [`LISTENER_FD`] is still the listener; taken by whoever closes
+/// it (the accept loop, or the master-death watch), so the other never
+/// touches a descriptor number that may have been reused.
+static LISTENER_OPEN: Mutex<bool> = Mutex::new(false);
 
 /// Runs the hidden `worker` subcommand.
 pub fn run() -> ExitCode {
@@ -76,8 +86,8 @@ pub fn run() -> ExitCode {
 
 /// Runs the hidden `inspect` subcommand: loads a library the way a worker
 /// does, in a process of its own, and prints `name version` or the error.
-pub fn inspect(path: &std::path::Path) -> ExitCode {
-    match loader::load(path, &path.display().to_string()) {
+pub fn inspect(path: &std::path::Path, source: &std::path::Path) -> ExitCode {
+    match loader::load(path, &source.display().to_string()) {
         Ok(handler) => {
             let info = (handler.info())();
             println!("{} {}", info.name, info.version);
@@ -100,6 +110,9 @@ fn pool_threads() -> usize {
 }
 
 async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result<()> {
+    let master_watch = channel
+        .try_clone()
+        .context("cannot duplicate the master channel")?;
     let channel = std::os::unix::net::UnixStream::from(channel);
     channel.set_nonblocking(true)?;
     let (reader, mut writer) = tokio::net::UnixStream::from_std(channel)?.into_split();
@@ -134,8 +147,22 @@ async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result
             bail!("{error}");
         }
     };
-    tokio::spawn(server.clone().accept_loop(listener));
+    *LISTENER_OPEN.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    tokio::spawn({
+        let server = server.clone();
+        async move {
+            let listener = server.accept_loop(listener).await;
+            let mut open = LISTENER_OPEN.lock().unwrap_or_else(|e| e.into_inner());
+            drop(listener);
+            *open = false;
+        }
+    });
     tokio::spawn(server.clone().expire_idle());
+    watch_master(
+        master_watch,
+        server.clone(),
+        Duration::from_millis(spec.stop_timeout_ms),
+    )?;
     write_line(
         &mut writer,
         &FromWorker::Ready {
@@ -220,6 +247,56 @@ extern "C" fn handler_log(level: Level, message: RStr<'_>) {
         Level::Info => tracing::info!(target: "handler", group, slot, pid, version, "{message}"),
         Level::Debug => tracing::debug!(target: "handler", group, slot, pid, version, "{message}"),
     }
+}
+
+/// Starts the thread that acts on the master's death even while a handler
+/// call blocks the event loop: it stops accepting, closes the listener (so
+/// a new host can bind the port), and ends the process if what is in flight
+/// has not finished within `stop_timeout`.
+fn watch_master(channel: OwnedFd, server: Arc<Server>, stop_timeout: Duration) -> Result<()> {
+    std::thread::Builder::new()
+        .name("master-watch".into())
+        .spawn(move || {
+            // The master end closes only when the master is gone. Only
+            // POLLRDHUP is asked for: unread commands do not wake us.
+            let mut watched = libc::pollfd {
+                fd: channel.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for a descriptor this thread owns.
+            while unsafe { libc::poll(&mut watched, 1, -1) } < 0
+                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+            {}
+            tracing::warn!("the master is gone; closing the listener and finishing in-flight requests");
+            server.start_draining();
+            close_listener();
+            std::thread::sleep(stop_timeout + Duration::from_secs(1));
+            tracing::error!("the master is gone and in-flight requests did not finish within stop_timeout; exiting");
+            // SAFETY: ends the process without unwinding other threads.
+            unsafe { libc::_exit(1) }
+        })
+        .context("cannot start the master watch thread")?;
+    Ok(())
+}
+
+/// Closes this process's handle on the listening socket from any thread,
+/// without freeing the descriptor number under the event loop: it is
+/// replaced by `/dev/null`, which the accept loop closes when it ends.
+fn close_listener() {
+    let mut open = LISTENER_OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !*open {
+        return;
+    }
+    match std::fs::File::open("/dev/null") {
+        // SAFETY: dup3 atomically replaces fd LISTENER_FD, which the lock
+        // proves is still the listener, with a duplicate of /dev/null.
+        Ok(null) => unsafe {
+            libc::dup3(null.as_raw_fd(), LISTENER_FD, libc::O_CLOEXEC);
+        },
+        Err(e) => tracing::warn!("cannot close the listener: {e}"),
+    }
+    *open = false;
 }
 
 /// Serves until the master asks for a drain or a stop, or goes away.

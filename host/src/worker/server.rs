@@ -118,8 +118,10 @@ impl Server {
         self.handler
     }
 
-    /// Accepts connections until the drain begins.
-    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts connections until the drain begins; gives the listener back
+    /// so the caller decides how it is closed.
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) -> TcpListener {
+        let mut failures = AcceptFailures::default();
         loop {
             // A flag and a waker rather than a select! on a channel: no
             // future to build and poll per accepted connection.
@@ -138,13 +140,16 @@ impl Server {
                     tokio::spawn(self.clone().serve_connection(stream, peer));
                 }
                 Some(Err(e)) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning, and
+                    // try again as soon as the pause is over.
+                    self.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    failures.log(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
         tracing::debug!("stopped accepting");
+        listener
     }
 
     async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
@@ -317,7 +322,8 @@ impl Server {
 
     /// Answers with `Connection: close` from now on and stops the accept
     /// loop; the listening socket stays open for the other workers.
-    fn start_draining(&self) {
+    /// Stops accepting; safe from any thread.
+    pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.accept_waker.wake();
     }
@@ -339,5 +345,27 @@ fn whole_seconds(timeout: Duration) -> u64 {
 fn log_connection_end(result: Result<(), hyper::Error>) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Logs failed accepts at most once every ten seconds, with how many there
+/// were since the last line (every one is counted in the metrics).
+#[derive(Default)]
+struct AcceptFailures {
+    last_logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    fn log(&mut self, error: &std::io::Error) {
+        self.unlogged += 1;
+        let due = self
+            .last_logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
+        if due {
+            tracing::warn!(error = %error, failures = self.unlogged, "accept failed; retrying every 50 ms");
+            self.last_logged = Some(std::time::Instant::now());
+            self.unlogged = 0;
+        }
     }
 }
