@@ -314,7 +314,7 @@ fn a_request_longer_than_the_stop_timeout_is_reported_killed() {
     assert!(output.status.success(), "{shown}");
     assert!(
         shown.contains(&format!(
-            "killed web/0 pid {old} at its stop timeout with 1 request(s) in flight"
+            "killed web/0 pid {old} at its stop timeout with 1 connection(s) open and 1 request(s) in flight"
         )),
         "{shown}"
     );

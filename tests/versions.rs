@@ -221,7 +221,11 @@ fn gc_keeps_pinned_running_and_recent_versions() {
         &["deploy", faulty.to_str().unwrap(), "--label", "three"],
     );
     cli_ok(&dir, &["pin", "one"]);
+    // Labelled versions go only when asked for explicitly.
     let shown = cli_ok(&dir, &["gc", "--keep", "0"]);
+    assert!(shown.contains("0 version(s) removed"), "{shown}");
+    assert_eq!(versions(&dir).len(), 3);
+    let shown = cli_ok(&dir, &["gc", "--keep", "0", "--labelled"]);
     assert!(shown.contains("2 version(s) removed"), "{shown}");
     let left = versions(&dir);
     assert_eq!(left.len(), 1);

@@ -118,8 +118,8 @@ pub fn check_tree(dir: &Path, owners: Owners) -> Result<()> {
 fn check_inside(dir: &Path, owners: Owners) -> Result<()> {
     for entry in fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let path = entry?.path();
-        let meta =
-            fs::symlink_metadata(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let meta = fs::symlink_metadata(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if meta.file_type().is_symlink() || meta.file_type().is_socket() {
             // Only the owner check applies: a link's own mode means nothing,
             // and the control socket is re-created at every start.
@@ -160,7 +160,10 @@ mod tests {
         std::os::unix::fs::symlink("ww/a.so", dir.join("cur.so")).unwrap();
         let error = check_path(&dir.join("cur.so"), Owners::current()).unwrap_err();
         let text = format!("{error:#}");
-        assert!(text.contains(&format!("{} is writable by other users", open.display())), "{text}");
+        assert!(
+            text.contains(&format!("{} is writable by other users", open.display())),
+            "{text}"
+        );
         fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
         assert_eq!(
             check_path(&dir.join("cur.so"), Owners::current()).unwrap(),
@@ -176,9 +179,15 @@ mod tests {
         fs::write(&file, b"x").unwrap();
         fs::set_permissions(&file, fs::Permissions::from_mode(0o664)).unwrap();
         let text = format!("{:#}", check_path(&file, Owners::current()).unwrap_err());
-        assert!(text.contains("is writable by its group (mode 0664)"), "{text}");
+        assert!(
+            text.contains("is writable by its group (mode 0664)"),
+            "{text}"
+        );
         fs::set_permissions(&file, fs::Permissions::from_mode(0o1666)).unwrap();
-        assert!(check_path(&file, Owners::current()).is_err(), "sticky is no excuse for a file");
+        assert!(
+            check_path(&file, Owners::current()).is_err(),
+            "sticky is no excuse for a file"
+        );
         fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
         check_path(&file, Owners::current()).unwrap();
         fs::remove_dir_all(&dir).unwrap();

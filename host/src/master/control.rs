@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use tokio::io::BufReader;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
@@ -43,18 +43,25 @@ async fn connection(stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
     let own_uid = nix::unistd::geteuid().as_raw();
     let peer_uid = stream.peer_cred().map(|cred| cred.uid());
     let (reader, mut writer) = stream.into_split();
-    match peer_uid {
-        Ok(uid) if uid == own_uid || uid == 0 => {}
-        _ => {
-            tracing::warn!(uid = ?peer_uid.ok(), "control connection from another user refused");
-            let message = format!(
-                "permission denied: host runs as uid {own_uid}; run this command as that user or as root"
-            );
-            let _ = write_line(&mut writer, &ControlReply::Error { message }).await;
-            return;
-        }
-    }
     let mut reader = BufReader::new(reader);
+    if !matches!(peer_uid, Ok(uid) if uid == own_uid || uid == 0) {
+        tracing::warn!(uid = ?peer_uid.ok(), "control connection from another user refused");
+        // Take (a bounded part of) the request first: a client whose
+        // request was never read sees a broken pipe instead of the reason.
+        let mut discard = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            (&mut reader)
+                .take(64 * 1024)
+                .read_until(b'\n', &mut discard),
+        )
+        .await;
+        let message = format!(
+            "permission denied: host runs as uid {own_uid}; run this command as that user or as root"
+        );
+        let _ = write_line(&mut writer, &ControlReply::Error { message }).await;
+        return;
+    }
     let request = match read_line::<_, ControlRequest>(&mut reader).await {
         Ok(Some(request)) => request,
         Ok(None) => return,

@@ -204,8 +204,12 @@ impl Metrics {
     /// A worker was killed at its stop timeout with these still open.
     pub fn worker_killed(&mut self, group: &str, connections: u64, in_flight: u64) {
         let labels = group_labels(group);
-        self.killed_connections.get_or_create(&labels).inc_by(connections);
-        self.killed_requests.get_or_create(&labels).inc_by(in_flight);
+        self.killed_connections
+            .get_or_create(&labels)
+            .inc_by(connections);
+        self.killed_requests
+            .get_or_create(&labels)
+            .inc_by(in_flight);
     }
 
     /// A reload ended.

@@ -467,6 +467,32 @@ mod tests {
     }
 
     #[test]
+    fn a_name_that_could_mean_two_versions_is_an_error_listing_both() {
+        let dir =
+            std::env::temp_dir().join(format!("host-store-test-names-{}", std::process::id()));
+        let store = HandlerStore::open(&dir.join("store"), Owners::current()).unwrap();
+        let source = dir.join("lib.so");
+        fs::write(&source, fake_library(b"one")).unwrap();
+        let one = store.import(&source, None, false).unwrap();
+        fs::write(&source, fake_library(b"two")).unwrap();
+        let two = store.import(&source, Some("release-2"), false).unwrap();
+        // A label written before labels were checked, shadowing a prefix.
+        let mut info = store.info(&two.hash).unwrap();
+        info.label = Some(one.hash[..6].to_owned());
+        store.save_info(&info).unwrap();
+        let error = store.resolve(&one.hash[..6]).unwrap_err().to_string();
+        assert!(error.contains("could mean 2 versions"), "{error}");
+        assert!(
+            error.contains(one.short()) && error.contains(two.short()),
+            "{error}"
+        );
+        assert_eq!(store.resolve(&one.hash[..8]).unwrap(), one.hash);
+        assert!(store.import(&source, Some("abcd"), false).is_err());
+        assert!(store.import(&source, Some(""), false).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn missing_and_empty_files_are_refused() {
         let dir =
             std::env::temp_dir().join(format!("host-store-test-empty-{}", std::process::id()));

@@ -31,8 +31,12 @@ use crate::trust::Owners;
 /// abi_stable caches the root module per process, failures included, so
 /// this must be called at most once per worker process.
 pub fn load(path: &Path, shown: &str) -> Result<HandlerModuleRef, String> {
-    let file = open_verified(path)
-        .map_err(|e| format!("cannot load {} (the store copy of {shown}): {e:#}", path.display()))?;
+    let file = open_verified(path).map_err(|e| {
+        format!(
+            "cannot load {} (the store copy of {shown}): {e:#}",
+            path.display()
+        )
+    })?;
     let through = format!("/proc/self/fd/{}", file.as_raw_fd());
     let loaded = HandlerModuleRef::load_from_file(Path::new(&through))
         .map_err(|e| describe(path, shown, &e));
@@ -196,7 +200,9 @@ mod tests {
             panic!("a missing file loaded");
         };
         assert!(
-            error.starts_with(&format!("cannot load {path} (the store copy of handler.so): ")),
+            error.starts_with(&format!(
+                "cannot load {path} (the store copy of handler.so): "
+            )),
             "{error}"
         );
         assert!(error.contains("No such file"), "{error}");
