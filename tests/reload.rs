@@ -206,7 +206,7 @@ fn reload_refuses_a_start_that_hangs() {
         |dir| {
             dir.install(Variant::Faulty("hang"), "handler.so");
         },
-        &["did not report ready within 3.0 s"],
+        &["did not report ready within its start_timeout (3.0 s)"],
     );
 }
 

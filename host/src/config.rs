@@ -36,6 +36,9 @@ pub struct Config {
     /// The worker groups, each with its own listener and handler.
     #[serde(rename = "group")]
     pub groups: Vec<GroupConfig>,
+    /// Whether this is the built-in config (no file).
+    #[serde(skip)]
+    pub builtin: bool,
 }
 
 /// How a worker runs its handler calls.
@@ -174,15 +177,19 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
         let config: Config = toml::from_str(&text).map_err(|e| {
-            let place = e.span().map_or_else(String::new, |span| {
+            let content = e.span().map(|span| {
                 let line = text[..span.start].matches('\n').count() + 1;
-                let content = text.lines().nth(line - 1).unwrap_or("").trim();
+                (line, text.lines().nth(line - 1).unwrap_or("").trim())
+            });
+            let place = content.map_or_else(String::new, |(line, content)| {
                 format!(" line {line} ({content})")
             });
+            let hint = content.and_then(|(_, content)| hint(content));
             anyhow::anyhow!(
-                "invalid config {}{place}: {}",
+                "invalid config {}{place}: {}{}",
                 path.display(),
-                e.message().trim()
+                e.message().trim(),
+                hint.map(|h| format!("; {h}")).unwrap_or_default()
             )
         })?;
         let base = path
@@ -207,8 +214,61 @@ impl Config {
             "[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nhandler = {:?}\n",
             handler.display().to_string()
         );
-        let config: Config = toml::from_str(&text).context("built-in config")?;
-        config.resolve(&std::env::current_dir().context("no current directory")?)
+        let mut config: Config = toml::from_str(&text).context("built-in config")?;
+        config.builtin = true;
+        // Next to the binary, like the handler: the same host whatever
+        // directory a command runs from.
+        config.resolve(
+            exe.parent()
+                .context("the host binary has no parent directory")?,
+        )
+    }
+
+    /// A config that only knows where a running master is: for `stop` and
+    /// `status` when the file no longer parses.
+    pub fn reach_only(run_dir: PathBuf) -> Config {
+        Config {
+            run_dir,
+            user: None,
+            admin: None,
+            watch: false,
+            groups: Vec::new(),
+            builtin: false,
+        }
+    }
+
+    /// The run directory a config names, found even when the rest of the
+    /// file no longer parses or validates (a top-level `run_dir = "..."`
+    /// line, else the default), so a broken edit never locks anyone out of
+    /// the host that is running.
+    pub fn locate_run_dir(path: Option<&Path>) -> Result<PathBuf> {
+        let path = match path {
+            Some(path) => path,
+            None if Path::new(DEFAULT_FILE).exists() => Path::new(DEFAULT_FILE),
+            None => return Ok(Self::builtin()?.run_dir),
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let named = match text.parse::<toml::Table>() {
+            Ok(table) => table
+                .get("run_dir")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
+            Err(_) => text
+                .lines()
+                .take_while(|l| !l.trim_start().starts_with('['))
+                .find_map(|l| {
+                    let (key, value) = l.split_once('=')?;
+                    (key.trim() == "run_dir").then(|| value.trim().trim_matches('"').to_owned())
+                }),
+        };
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::fs::canonicalize(base)
+            .with_context(|| format!("cannot resolve directory of {}", path.display()))?;
+        Ok(base.join(named.map_or_else(default_run_dir, PathBuf::from)))
     }
 
     fn resolve(mut self, base: &Path) -> Result<Config> {
@@ -261,6 +321,20 @@ impl Config {
             group.handler = base.join(&group.handler);
         }
         Ok(self)
+    }
+}
+
+/// What to write instead, for the mistakes people make most with the line
+/// a parse error points at.
+fn hint(line: &str) -> Option<&'static str> {
+    let key = line.split('=').next().unwrap_or("").trim();
+    match key {
+        "start_timeout" | "stop_timeout" | "lame_duck" | "header_timeout" | "body_timeout" => {
+            Some("expected a duration such as \"10s\" or \"500ms\"")
+        }
+        "listen" | "admin" => Some("an address is IP:PORT, e.g. 127.0.0.1:80 (no host names)"),
+        "[group]" => Some("use [[group]] (an array of tables), once per group"),
+        _ => None,
     }
 }
 
@@ -357,6 +431,29 @@ mod tests {
                 ("greeting".to_owned(), "hi".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn the_builtin_run_directory_does_not_depend_on_the_current_directory() {
+        let config = Config::builtin().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(config.run_dir, exe.parent().unwrap().join(".host"));
+        assert!(config.builtin);
+    }
+
+    #[test]
+    fn a_run_directory_is_found_in_a_config_that_does_not_parse() {
+        let dir = std::env::temp_dir().join(format!("host-locate-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("host.toml");
+        std::fs::write(&path, "run_dir = \"state\"\n[group]\nname = \n").unwrap();
+        assert!(Config::load(Some(&path)).is_err());
+        let found = Config::locate_run_dir(Some(&path)).unwrap();
+        assert_eq!(found, std::fs::canonicalize(&dir).unwrap().join("state"));
+        std::fs::write(&path, "[[group]]\nname = \"web\"\n").unwrap();
+        let found = Config::locate_run_dir(Some(&path)).unwrap();
+        assert_eq!(found, std::fs::canonicalize(&dir).unwrap().join(".host"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

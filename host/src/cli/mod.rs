@@ -80,9 +80,14 @@ pub enum Command {
         now: bool,
     },
     /// Stop the running master (if any), then start in the background
+    /// (the config is checked first: a broken one leaves the host running)
     Restart {
         #[command(flatten)]
         config: ConfigArg,
+        /// Reload a group whenever its handler file is rebuilt (same as
+        /// `watch = true` in the config)
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Show groups and workers: pid, state, version, requests, memory
     Status {
@@ -195,20 +200,23 @@ pub fn run(command: Command) -> Result<ExitCode> {
             daemon,
             watch,
         } => start(&config, daemon, watch),
-        Command::Stop { config, now } => stop(&load(&config)?, now),
-        Command::Restart { config } => {
-            let loaded = load(&config)?;
+        Command::Stop { config, now } => stop(&load_to_reach(&config)?, now),
+        Command::Restart { config, watch } => {
+            let loaded = load(&config).context("restart refused; the running host is untouched")?;
             match stop(&loaded, false) {
                 Ok(_) => {}
                 Err(e) if e.downcast_ref::<NotRunning>().is_some() => {}
                 Err(e) => return Err(e),
             }
-            start(&config, true, false)
+            start(&config, true, watch)
         }
-        Command::Status { config, json } => status(&load(&config)?, json),
-        Command::Connections { config, json } => connections(&load(&config)?, json),
+        Command::Status { config, json } => status(&load_to_reach(&config)?, json),
+        Command::Connections { config, json } => connections(&load_to_reach(&config)?, json),
         Command::Reload { config, group, to } => {
-            let config = load(&config)?;
+            let config = load(&config).context("reload refused; the running host is untouched")?;
+            if let Some(name) = &group {
+                versions::group(&config, Some(name)).context("reload refused")?;
+            }
             if let Some(to) = to {
                 versions::pin(&config, &to, group.as_deref())?;
             }
@@ -259,9 +267,36 @@ fn load(arg: &ConfigArg) -> Result<Config> {
     Config::load(arg.config.as_deref())
 }
 
+/// The config, or, when it no longer parses, just enough of it to reach the
+/// running master (`stop`, `status` and `connections` must never be locked
+/// out by a broken edit).
+fn load_to_reach(arg: &ConfigArg) -> Result<Config> {
+    match Config::load(arg.config.as_deref()) {
+        Ok(config) => Ok(config),
+        Err(error) => {
+            let run_dir =
+                Config::locate_run_dir(arg.config.as_deref()).context(format!("{error:#}"))?;
+            eprintln!(
+                "host: {error:#}\nhost: reaching the host through its run directory {} anyway",
+                run_dir.display()
+            );
+            Ok(Config::reach_only(run_dir))
+        }
+    }
+}
+
 fn start(arg: &ConfigArg, daemon: bool, watch: bool) -> Result<ExitCode> {
     let mut config = load(arg)?;
     config.watch |= watch;
+    if config.builtin {
+        let handler = &config.groups[0].handler;
+        if !handler.exists() {
+            bail!(
+                "no handler at {}: with no host.toml, host serves the sample handler built next to it; build it with `cargo build --release` (or pass -c FILE)",
+                handler.display()
+            );
+        }
+    }
     if daemon {
         return start_daemon(arg, &config);
     }
@@ -472,7 +507,7 @@ fn connections(config: &Config, json: bool) -> Result<ExitCode> {
 
 fn print_status(report: &StatusReport) {
     println!(
-        "master pid {}  up {}  restarts {}  rss {}{}",
+        "master pid {}  up {}  worker restarts {}  rss {}{}",
         report.pid,
         duration(report.uptime_secs),
         report.restarts,

@@ -18,6 +18,16 @@ use crate::master::pins;
 use crate::master::store::{short, HandlerStore, VersionInfo};
 use crate::trust::Owners;
 
+/// The store, unless the run directory does not exist yet: commands that
+/// only read or remove do not create one as a side effect.
+fn existing_store(config: &Config) -> Result<Option<HandlerStore>> {
+    if RunDir::of(config).store().exists() {
+        store(config).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 fn store(config: &Config) -> Result<HandlerStore> {
     let run_dir = RunDir::of(config);
     let owners = Owners::for_user(config.user.as_deref());
@@ -26,13 +36,23 @@ fn store(config: &Config) -> Result<HandlerStore> {
 }
 
 /// The group a version command is about: the named one, or the only one.
-fn group<'a>(config: &'a Config, name: Option<&str>) -> Result<&'a GroupConfig> {
+pub fn group<'a>(config: &'a Config, name: Option<&str>) -> Result<&'a GroupConfig> {
     match name {
         Some(name) => config
             .groups
             .iter()
             .find(|g| g.name == name)
-            .with_context(|| format!("no group named {name:?} in the config")),
+            .with_context(|| {
+                format!(
+                    "no group named {name:?} in the config; its groups are: {}",
+                    config
+                        .groups
+                        .iter()
+                        .map(|g| g.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }),
         None => match config.groups.as_slice() {
             [only] => Ok(only),
             groups => bail!(
@@ -109,8 +129,11 @@ pub fn list(config: &Config, json: bool) -> Result<ExitCode> {
     let run_dir = RunDir::of(config);
     let pins = pins::load_pins(&run_dir)?;
     let status = try_status(config)?;
-    let rows: Vec<VersionRow> = store(config)?
-        .list()?
+    let stored = match existing_store(config)? {
+        Some(store) => store.list()?,
+        None => Vec::new(),
+    };
+    let rows: Vec<VersionRow> = stored
         .into_iter()
         .map(|info| {
             let running = status
@@ -238,7 +261,13 @@ pub fn rollback(config: &Config, group_name: Option<&str>) -> Result<String> {
 /// and the `keep` most recently added.
 pub fn gc(config: &Config, keep: usize, labelled: bool) -> Result<ExitCode> {
     let run_dir = RunDir::of(config);
-    let store = store(config)?;
+    let Some(store) = existing_store(config)? else {
+        println!(
+            "0 version(s) removed, 0 kept (no store in {})",
+            run_dir.root.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
     let _lock = store.lock()?;
     let versions = store.list()?;
     let mut wanted: Vec<String> = pins::load_pins(&run_dir)?.into_values().collect();

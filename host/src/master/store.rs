@@ -131,12 +131,16 @@ impl HandlerStore {
         if let Some(label) = label {
             check_label(label)?;
         }
+        fs::metadata(source).with_context(|| format!("handler {}", source.display()))?;
         let read_from = if allow_writable {
             source.to_owned()
         } else {
-            trust::check_path(source, self.owners)
-                .with_context(|| format!("refusing to load handler {}", source.display()))
-                .context("fix the owner or mode, or set allow_writable_handler = true")?
+            trust::check_path(source, self.owners).with_context(|| {
+                format!(
+                    "refusing to load handler {} (fix the owner or mode, or set allow_writable_handler = true)",
+                    source.display()
+                )
+            })?
         };
         let bytes = fs::read(&read_from)
             .with_context(|| format!("cannot read handler {}", source.display()))?;

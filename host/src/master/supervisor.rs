@@ -270,7 +270,10 @@ impl Master {
                         let timeout = self.groups[worker.group].config.start_timeout;
                         return self.on_start_failure(
                             id,
-                            format!("did not report ready within {}", humantime_secs(timeout)),
+                            format!(
+                                "did not report ready within its start_timeout ({})",
+                                humantime_secs(timeout)
+                            ),
                         );
                     }
                 }
@@ -896,7 +899,19 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
         tokio::net::TcpSocket::new_v6()
     }?;
     socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
+    socket.bind(addr).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                "; another program (or another host) listens there: `ss -ltnp 'sport = :{}'` shows which, or change listen",
+                addr.port()
+            ),
+            std::io::ErrorKind::PermissionDenied => {
+                "; ports below 1024 need root (then `user = ...`) or CAP_NET_BIND_SERVICE".to_owned()
+            }
+            _ => String::new(),
+        };
+        anyhow::anyhow!("{e}{hint}")
+    })?;
     let listener = socket.listen(1024)?.into_std()?;
     Ok(listener)
 }
