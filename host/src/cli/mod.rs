@@ -428,8 +428,32 @@ fn stop(config: &Config, now: bool) -> Result<ExitCode> {
             _ => {}
         }
     }
+    wait_master_gone(&RunDir::of(config))?;
     println!("host stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until the master has exited, not just closed its control socket:
+/// it holds the run directory's lock until its very end, so a `start`
+/// right after (as in `restart`) finds the directory free.
+fn wait_master_gone(run_dir: &RunDir) -> Result<()> {
+    let path = run_dir.lock_file();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let Ok(file) = std::fs::File::open(&path) else {
+            return Ok(());
+        };
+        if nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the master closed its control socket but still holds {} after 30 s",
+                path.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// The running master's status, or `None` when no master runs.
