@@ -247,17 +247,141 @@ pub fn one_group_config(handler: &Path, count: usize, extra: &str) -> String {
     )
 }
 
-/// Runs `host ARGS -c CONFIG` to completion.
+/// Runs `host ARGS -c CONFIG` to completion (see [`run_bounded`]).
 pub fn host_command(dir: &TestDir, args: &[&str]) -> Output {
     let mut command = Command::new(host_bin());
     command.current_dir(&dir.path).args(args);
     if args.first().is_some_and(|a| *a != "worker") && dir.path.join("host.toml").exists() {
         command.arg("-c").arg(dir.path.join("host.toml"));
     }
-    command
-        .env("HOST_TEST_TAG", tag(dir))
-        .output()
-        .expect("run host")
+    command.env("HOST_TEST_TAG", tag(dir));
+    run_bounded(command)
+}
+
+/// Runs a command to completion, as `Command::output` does, but never for
+/// longer than [`DEADLINE`] (see [`BoundedRun`]).
+pub fn run_bounded(command: Command) -> Output {
+    BoundedRun::start(command).wait()
+}
+
+/// A command running in the background whose output can be read while it
+/// runs, and which is never waited on for longer than [`DEADLINE`]: a run
+/// still going then is killed and the test fails with what it printed. Every
+/// run of `host` meant to end (a CLI command, a foreground start that must
+/// fail) goes through here, so a broken mechanism fails its test instead of
+/// hanging it.
+pub struct BoundedRun {
+    command: String,
+    child: Child,
+    started: Instant,
+    /// stdout and stderr so far.
+    captured: [std::sync::Arc<Mutex<Captured>>; 2],
+}
+
+/// What a pipe has carried so far, and whether it has closed.
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+impl BoundedRun {
+    /// Starts `command` with its output captured.
+    pub fn start(mut command: Command) -> BoundedRun {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+        let captured: [std::sync::Arc<Mutex<Captured>>; 2] = Default::default();
+        let pipes: [Box<dyn Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        // Read on threads into shared buffers: a process the command left
+        // behind may hold the pipes open, and the buffers stay readable.
+        for (mut pipe, buffer) in pipes.into_iter().zip(captured.iter().cloned()) {
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                    lock(&buffer).bytes.extend_from_slice(&chunk[..n]);
+                }
+                lock(&buffer).closed = true;
+            });
+        }
+        BoundedRun {
+            command: format!("{command:?}"),
+            child,
+            started: Instant::now(),
+            captured,
+        }
+    }
+
+    /// stdout and stderr so far, together.
+    pub fn output_so_far(&self) -> String {
+        let [stdout, stderr] = &self.captured;
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&lock(stdout).bytes),
+            String::from_utf8_lossy(&lock(stderr).bytes)
+        )
+    }
+
+    /// Waits for the command to exit and its output to end, failing the
+    /// test if that takes longer than [`DEADLINE`] from its start.
+    pub fn wait(mut self) -> Output {
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for a command") {
+                break status;
+            }
+            if self.started.elapsed() > DEADLINE {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "{} did not finish within {} s; killed. Its output:\n{}",
+                    self.command,
+                    DEADLINE.as_secs(),
+                    self.output_so_far()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The output ends when the pipes close; a process left holding them
+        // fails the test rather than holding it.
+        while !self.captured.iter().all(|c| lock(c).closed) {
+            assert!(
+                self.started.elapsed() < DEADLINE,
+                "{} exited ({status}) but something it started kept its output open. Its output:\n{}",
+                self.command,
+                self.output_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let [stdout, stderr] = &self.captured;
+        let stdout = std::mem::take(&mut lock(stdout).bytes);
+        let stderr = std::mem::take(&mut lock(stderr).bytes);
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for BoundedRun {
+    /// A run dropped unwaited (its test failed) is ended, not left behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn tag(dir: &TestDir) -> String {
