@@ -4,7 +4,8 @@
 
 mod support;
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use loadgen::{LoadReport, LoadRun};
@@ -34,43 +35,109 @@ fn group_version(host: &Host) -> String {
         .to_owned()
 }
 
-/// A request that stays in flight `ms` (the worker's in-flight count shows it).
-fn slow_request_in_flight(host: &Host, path: &'static str) -> std::thread::JoinHandle<Reply> {
+/// `host reload`, running in the background.
+fn reload_in_background(host: &Host) -> BoundedRun {
+    let mut command = std::process::Command::new(host_bin());
+    command
+        .args(["reload", "-c"])
+        .arg(host.dir.path.join("host.toml"))
+        .env("HOST_TEST_TAG", host.dir.path.display().to_string());
+    BoundedRun::start(command)
+}
+
+/// The cue handler (faulty-handler in a mode that starts), and a second
+/// build of it that says another version.
+const CUED: Variant = Variant::Faulty("cued");
+const CUED_NEXT: Variant = Variant::Faulty("cued-next");
+
+/// Files that hold the cue handler's workers while they exist: `start`
+/// keeps a starting worker starting, `requests` keeps `GET /hold` in
+/// flight (see tests/fixtures/faulty-handler).
+struct Cues {
+    start: PathBuf,
+    requests: PathBuf,
+}
+
+impl Cues {
+    fn hold(path: &Path) {
+        std::fs::write(path, "").unwrap();
+    }
+
+    fn release(path: &Path) {
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+/// `count` workers of the cue handler with pool dispatch (a held request
+/// never keeps a worker from reading the master's messages), generous
+/// timeouts, and `extra` group settings.
+fn start_cued(name: &str, count: usize, extra: &str) -> (Host, Cues) {
+    start_cued_with(name, count, extra, |_| {})
+}
+
+fn start_cued_with(
+    name: &str,
+    count: usize,
+    extra: &str,
+    adjust: impl FnOnce(&mut std::process::Command),
+) -> (Host, Cues) {
+    let dir = TestDir::new(name);
+    let handler = dir.install(CUED, "handler.so");
+    let cues = Cues {
+        start: dir.path.join("hold-start"),
+        requests: dir.path.join("hold-requests"),
+    };
+    let group = format!(
+        "dispatch = \"pool\"\nstart_timeout = \"60s\"\nstop_timeout = \"60s\"\n{extra}\n[group.settings]\nhold_start_while = {:?}\nhold_requests_while = {:?}\n",
+        cues.start.display().to_string(),
+        cues.requests.display().to_string()
+    );
+    let host = Host::start_with(dir, &one_group_config(&handler, count, &group), adjust);
+    (host, cues)
+}
+
+/// `GET /hold` on another thread, once it is in flight (on the worker
+/// whose pid is returned).
+fn held_request(host: &Host) -> (std::thread::JoinHandle<std::io::Result<Reply>>, u32) {
     let addr = host.addr;
-    let slow = std::thread::spawn(move || get(addr, path));
-    wait_until("the slow request is in flight", || {
-        host.status()["workers"]
+    let held = std::thread::spawn(move || request(addr, "GET", "/hold", b""));
+    let mut pid = None;
+    wait_until("the held request is in flight", || {
+        pid = host.status()["workers"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|w| w["in_flight"].as_u64().unwrap() > 0)
+            .find(|w| w["in_flight"].as_u64().unwrap() > 0)
+            .map(|w| w["pid"].as_u64().unwrap() as u32);
+        pid.is_some() || held.is_finished()
     });
-    slow
+    assert!(!held.is_finished(), "the held request was answered at once");
+    (held, pid.unwrap())
 }
 
-/// `host reload` on another thread.
-fn reload_in_background(host: &Host) -> std::thread::JoinHandle<Output> {
-    let config = host.dir.path.join("host.toml");
-    std::thread::spawn(move || {
-        std::process::Command::new(host_bin())
-            .args(["reload", "-c"])
-            .arg(config)
-            .output()
-            .unwrap()
-    })
+/// The status entry of the worker with `pid`, or Null when it is gone.
+fn worker_with_pid(status: &serde_json::Value, pid: u32) -> serde_json::Value {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["pid"] == pid)
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[test]
 fn reloads_under_keepalive_load_fail_no_request() {
     let host = start_with("rolling", Variant::SampleV1, 4, "");
     let load = steady_load(host.addr, 32);
-    let mut expected = "v1";
-    for round in 0..4 {
-        let (variant, version) = if round % 2 == 0 {
-            (Variant::SampleV2, "v2")
-        } else {
-            (Variant::SampleV1, "v1")
-        };
+    let rounds = [
+        (Variant::SampleV2, "v2"),
+        (Variant::SampleV1, "v1"),
+        (Variant::SampleV2, "v2"),
+        (Variant::SampleV1, "v1"),
+    ];
+    for (round, (variant, version)) in rounds.into_iter().enumerate() {
+        let pids = host.worker_pids();
         let before = group_version(&host);
         host.dir.install(variant, "handler.so");
         let output = reload(&host);
@@ -84,7 +151,11 @@ fn reloads_under_keepalive_load_fail_no_request() {
         );
         assert_ne!(group_version(&host), before);
         assert_all_serve(&host, version);
-        expected = version;
+        let now = host.worker_pids();
+        assert!(
+            now.iter().all(|pid| !pids.contains(pid)),
+            "round {round}: every worker replaced: {pids:?} -> {now:?}"
+        );
     }
     let report = finish(load);
     assert_eq!(report.failed(), 0, "{report:?}");
@@ -92,7 +163,6 @@ fn reloads_under_keepalive_load_fail_no_request() {
         report.bodies.contains_key("v1") && report.bodies.contains_key("v2"),
         "{report:?}"
     );
-    assert_eq!(expected, "v1");
 }
 
 /// A bad build is refused: `host reload` fails naming the cause, the old
@@ -252,15 +322,159 @@ fn a_failed_reload_puts_back_workers_already_replaced() {
 
 #[test]
 fn a_slow_request_in_flight_completes_across_a_reload() {
-    let host = start_with("slow", Variant::SampleV1, 2, "stop_timeout = \"30s\"");
-    let slow = slow_request_in_flight(&host, "/sleep?ms=2000");
-    host.dir.install(Variant::SampleV2, "handler.so");
-    let output = reload(&host);
+    // Pool dispatch: the worker reads the drain message while the request
+    // is still being handled, and must finish it before exiting.
+    let (host, cues) = start_cued_with("slow", 2, "", |command| {
+        command.env("HOST_LOG", "info,host::worker=debug");
+    });
+    Cues::hold(&cues.requests);
+    let (held, old) = held_request(&host);
+    host.dir.install(CUED_NEXT, "handler.so");
+    let reload = reload_in_background(&host);
+    let drain_read = format!("pid={old}");
+    wait_until("the old worker has read the drain message", || {
+        host.log()
+            .lines()
+            .any(|l| l.contains(&drain_read) && l.ends_with("draining"))
+            || !alive(old)
+    });
+    assert!(
+        alive(old),
+        "the old worker exited with a request in flight; log:\n{}",
+        host.log()
+    );
+    let status = host.status();
+    let draining = worker_with_pid(&status, old);
+    assert_eq!(draining["state"], "draining", "{status}");
+    assert_eq!(draining["in_flight"], 1, "{status}");
+    assert_eq!(status["reloading"], true, "{status}");
+    assert!(!held.is_finished(), "answered before it was released");
+
+    Cues::release(&cues.requests);
+    let reply = held.join().unwrap().expect("the held request is answered");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "released"));
+    let output = reload.wait();
     assert!(output.status.success(), "{}", text(&output));
     assert!(!text(&output).contains("killed"), "{}", text(&output));
-    let reply = slow.join().unwrap();
-    assert_eq!((reply.status, reply.body.as_str()), (200, "slept 2000 ms"));
-    assert_all_serve(&host, "v2");
+    assert!(!alive(old));
+    wait_serving(&host, "cued-next");
+}
+
+#[test]
+fn status_shows_a_draining_worker_with_its_request_in_flight() {
+    let (host, cues) = start_cued("status-draining", 1, "");
+    Cues::hold(&cues.requests);
+    let (held, old) = held_request(&host);
+    let reload = reload_in_background(&host);
+    wait_until("the old worker is draining", || {
+        let status = host.try_status();
+        worker_with_pid(&status, old)["state"] == "draining" || status["reloading"] == false
+    });
+    let status = host.status();
+    let draining = worker_with_pid(&status, old);
+    assert_eq!(draining["state"], "draining", "{status}");
+    assert_eq!(draining["in_flight"], 1, "{status}");
+    let shown = text(&host.cli(&["status"]));
+    let line = shown
+        .lines()
+        .find(|l| l.contains(&old.to_string()))
+        .unwrap_or_else(|| panic!("no line for pid {old}: {shown}"));
+    assert!(line.contains("draining"), "{shown}");
+    Cues::release(&cues.requests);
+    assert_eq!(held.join().unwrap().unwrap().status, 200);
+    let output = reload.wait();
+    assert!(output.status.success(), "{}", text(&output));
+}
+
+#[test]
+fn a_good_reload_retires_no_worker_before_its_replacement_is_ready() {
+    let (host, cues) = start_cued("order", 2, "");
+    let old = host.worker_pids();
+    Cues::hold(&cues.start);
+    host.dir.install(CUED_NEXT, "handler.so");
+    let reload = reload_in_background(&host);
+    // The first replacement cannot get past its start while the cue is
+    // there: through any number of looks, both old workers serve.
+    let mut starting = None;
+    wait_until("a replacement is starting", || {
+        let status = host.try_status();
+        starting = status["workers"].as_array().and_then(|workers| {
+            workers
+                .iter()
+                .find(|w| w["state"] == "starting")
+                .map(|w| w["pid"].as_u64().unwrap() as u32)
+        });
+        starting.is_some() || status["reloading"] == false
+    });
+    let starting = starting.expect("a starting replacement");
+    for _ in 0..10 {
+        let status = host.status();
+        assert_eq!(worker_with_pid(&status, starting)["state"], "starting");
+        for pid in &old {
+            assert_eq!(
+                worker_with_pid(&status, *pid)["state"],
+                "ready",
+                "an old worker left before its replacement was ready: {status}"
+            );
+        }
+        assert_eq!(status["groups"][0]["ready"], 2, "{status}");
+        assert_eq!(get(host.addr, "/").body, "faulty-handler ok");
+    }
+    let shown = text(&host.cli(&["status"]));
+    let line = shown
+        .lines()
+        .find(|l| l.contains(&starting.to_string()))
+        .unwrap_or_else(|| panic!("no line for pid {starting}: {shown}"));
+    assert!(line.contains("starting"), "{shown}");
+
+    Cues::release(&cues.start);
+    let output = reload.wait();
+    let shown = text(&output);
+    assert!(output.status.success(), "{shown}");
+    // Each progress line names the replacement that was ready, and the old
+    // worker retired after it.
+    for pid in &old {
+        assert!(shown.contains(&format!("pid {pid} ")), "{shown}");
+    }
+    wait_serving(&host, "cued-next");
+    assert!(old.iter().all(|pid| !alive(*pid)));
+}
+
+#[test]
+fn a_response_during_the_lame_duck_carries_connection_close() {
+    let (host, _cues) = start_cued_with("lame-duck", 1, "lame_duck = \"60s\"", |command| {
+        command.env("HOST_LOG", "info,host::worker=debug");
+    });
+    let old = host.worker_pids()[0];
+    let mut kept = idle_connection(host.addr, "/", "faulty-handler ok");
+    let reload = reload_in_background(&host);
+    let drain_read = format!("pid={old}");
+    wait_until("the old worker has read the drain message", || {
+        host.log()
+            .lines()
+            .any(|l| l.contains(&drain_read) && l.ends_with("draining"))
+            || !alive(old)
+    });
+    // The lame duck lasts 60 s, and the connection is still open: the
+    // answer must tell the client not to reuse it.
+    kept.write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", host.addr).as_bytes())
+        .unwrap();
+    let mut answer = Vec::new();
+    kept.read_to_end(&mut answer)
+        .expect("an answer, then the server closes");
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("connection: close")),
+        "no `Connection: close` in the lame duck's answer:\n{head}"
+    );
+    assert_eq!(body, "faulty-handler ok");
+    // Its last connection closed, the old worker need not sit out the lame duck.
+    let output = reload.wait();
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(!alive(old));
 }
 
 #[test]
@@ -328,21 +542,75 @@ fn a_request_longer_than_the_stop_timeout_is_reported_killed() {
 
 #[test]
 fn a_reload_asked_during_another_is_queued_and_both_report() {
-    let host = start_with("queued", Variant::SampleV1, 2, "");
+    let (host, cues) = start_cued("queued", 2, "");
     // A request in flight keeps the first reload waiting for its old worker.
-    let slow = slow_request_in_flight(&host, "/sleep?ms=3000");
-    host.dir.install(Variant::SampleV2, "handler.so");
+    Cues::hold(&cues.requests);
+    let (held, _) = held_request(&host);
+    host.dir.install(CUED_NEXT, "handler.so");
     let first = reload_in_background(&host);
     wait_until("the first reload is running", || {
         host.status()["reloading"] == true
     });
-    let second = reload(&host);
-    let first = first.join().unwrap();
+    let second = reload_in_background(&host);
+    wait_until("the second reload is queued", || {
+        second.output_so_far().contains("queued") || first.output_so_far().contains("reload ")
+    });
+    assert_eq!(
+        host.status()["reloading"],
+        true,
+        "the first reload ended early"
+    );
+    Cues::release(&cues.requests);
+    let first = first.wait();
+    let second = second.wait();
     assert!(first.status.success(), "{}", text(&first));
     assert!(second.status.success(), "{}", text(&second));
     assert!(text(&second).contains("queued"), "{}", text(&second));
-    assert_eq!(slow.join().unwrap().status, 200);
-    assert_all_serve(&host, "v2");
+    assert_eq!(held.join().unwrap().unwrap().status, 200);
+    wait_serving(&host, "cued-next");
+    assert_eq!(host.status()["reloads_ok"], 2);
+}
+
+#[test]
+fn reloads_asked_during_another_merge_into_one_queued_reload() {
+    let (host, cues) = start_cued("merged", 1, "");
+    Cues::hold(&cues.requests);
+    let (held, _) = held_request(&host);
+    let first = reload_in_background(&host);
+    wait_until("the first reload is running", || {
+        host.status()["reloading"] == true
+    });
+    let queued: Vec<BoundedRun> = (0..3).map(|_| reload_in_background(&host)).collect();
+    wait_until("every later reload is queued", || {
+        queued.iter().all(|r| r.output_so_far().contains("queued"))
+            || first.output_so_far().contains("reload ")
+    });
+    assert_eq!(
+        host.status()["reloading"],
+        true,
+        "the first reload ended early"
+    );
+    Cues::release(&cues.requests);
+    assert_eq!(held.join().unwrap().unwrap().status, 200);
+    let first = first.wait();
+    assert!(first.status.success(), "{}", text(&first));
+    let outcomes: Vec<Output> = queued.into_iter().map(BoundedRun::wait).collect();
+    for output in &outcomes {
+        assert!(output.status.success(), "{}", text(output));
+        assert!(text(output).contains("reload ok"), "{}", text(output));
+    }
+    // All three callers got the outcome of one reload: the same new pid.
+    let replaced_by = |output: &Output| {
+        text(output)
+            .lines()
+            .find_map(|l| l.split_once(" -> pid ").map(|(_, pid)| pid.to_owned()))
+            .unwrap_or_else(|| panic!("no progress line: {}", text(output)))
+    };
+    let first_pid = replaced_by(&outcomes[0]);
+    assert!(outcomes.iter().all(|o| replaced_by(o) == first_pid));
+    wait_serving(&host, "cued");
+    let status = host.status();
+    assert_eq!(status["reloads_ok"], 2, "{status}");
 }
 
 #[test]
@@ -394,15 +662,12 @@ fn groups_that_are_not_reloadable_keep_their_workers_and_are_notified() {
 
 #[test]
 fn a_worker_crash_during_a_reload_is_refilled_with_the_right_version() {
-    let host = start_with(
-        "crash-mid-reload",
-        Variant::SampleV1,
-        2,
-        "stop_timeout = \"30s\"",
-    );
-    // The slow request holds the reload open after both replacements are up.
-    let slow = slow_request_in_flight(&host, "/sleep?ms=3000");
-    host.dir.install(Variant::SampleV2, "handler.so");
+    let (host, cues) = start_cued("crash-mid-reload", 2, "");
+    let old = host.worker_pids();
+    // The held request holds the reload open after both replacements are up.
+    Cues::hold(&cues.requests);
+    let (held, _) = held_request(&host);
+    host.dir.install(CUED_NEXT, "handler.so");
     let reload = reload_in_background(&host);
     let mut victim = None;
     wait_until("a replacement is ready", || {
@@ -411,21 +676,27 @@ fn a_worker_crash_during_a_reload_is_refilled_with_the_right_version() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|w| w["handler_version"] == "v2" && w["state"] == "ready")
+            .find(|w| w["handler_version"] == "cued-next" && w["state"] == "ready")
             .map(|w| w["pid"].as_u64().unwrap() as u32);
         victim.is_some()
     });
-    kill(victim.unwrap(), Signal::SIGKILL);
-    let output = reload.join().unwrap();
-    assert!(output.status.success(), "{}", text(&output));
-    assert_eq!(slow.join().unwrap().status, 200);
-    wait_until("the crashed slot is refilled", || {
-        let status = host.status();
-        let workers = status["workers"].as_array().unwrap();
-        workers.len() == 2
-            && workers
-                .iter()
-                .all(|w| w["state"] == "ready" && w["handler_version"] == "v2")
+    let victim = victim.unwrap();
+    assert!(!old.contains(&victim));
+    kill(victim, Signal::SIGKILL);
+    wait_until("the master saw the crash", || {
+        worker_with_pid(&host.status(), victim).is_null()
     });
-    assert!(!host.worker_pids().contains(&victim.unwrap()));
+    let status = host.status();
+    assert_eq!(
+        status["reloading"], true,
+        "the crash came after the reload: {status}"
+    );
+    Cues::release(&cues.requests);
+    let output = reload.wait();
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(held.join().unwrap().unwrap().status, 200);
+    wait_serving(&host, "cued-next");
+    let pids = host.worker_pids();
+    assert!(!pids.contains(&victim));
+    assert!(pids.iter().all(|pid| !old.contains(pid)));
 }
