@@ -107,13 +107,28 @@ fn oversized_bodies_and_heads_are_refused_with_4xx() {
         request(host.addr, "POST", "/echo", &big).unwrap().status,
         413
     );
-    let long_path = format!("/{}", "a".repeat(20_000));
-    let reply = request(host.addr, "GET", &long_path, b"");
-    // hyper answers 431 or closes; either way no 2xx and the worker lives.
-    if let Ok(reply) = reply {
-        assert!(reply.status >= 400, "{reply:?}");
-    }
-    assert_eq!(get(host.addr, "/").status, 200);
+    // A real route, with a head four times the limit.
+    let mut stream = TcpStream::connect(host.addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: {}\r\nX-Padding: {}\r\n\r\n",
+        host.addr,
+        "a".repeat(32 * 1024)
+    );
+    // The server may answer and close before it has read the whole head.
+    let _ = stream.write_all(head.as_bytes());
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 431 "),
+        "an oversized head gets 431: {answer:?}"
+    );
+    // The same head within the limit is served.
+    let small = request(host.addr, "GET", "/", b"").unwrap();
+    assert_eq!(small.status, 200);
+    let pid = host.worker_pids()[0];
+    assert_eq!(get(host.addr, "/pid").body, pid.to_string());
 }
 
 /// Reads until the server closes the connection; a read timeout (the
@@ -240,44 +255,202 @@ fn stop_ends_every_process() {
     assert!(!host.dir.path.join("run/control.sock").exists());
 }
 
+/// One worker of the cue handler (pool dispatch) whose `GET /hold` stays
+/// in flight while the returned file exists.
+fn start_holding(name: &str) -> (Host, std::path::PathBuf) {
+    let dir = TestDir::new(name);
+    let handler = dir.install(Variant::Faulty("cued"), "handler.so");
+    let hold = dir.path.join("hold-requests");
+    let extra = format!(
+        "dispatch = \"pool\"\nstop_timeout = \"60s\"\n[group.settings]\nhold_requests_while = {:?}\n",
+        hold.display().to_string()
+    );
+    let host = Host::start(dir, &one_group_config(&handler, 1, &extra));
+    std::fs::write(&hold, "").unwrap();
+    (host, hold)
+}
+
+/// `GET /hold` on another thread, once the worker counts it in flight.
+fn hold_request(host: &Host) -> std::thread::JoinHandle<std::io::Result<Reply>> {
+    let addr = host.addr;
+    let held = std::thread::spawn(move || request(addr, "GET", "/hold", b""));
+    wait_until("the held request is in flight", || {
+        held.is_finished() || host.status()["workers"][0]["in_flight"] == 1
+    });
+    assert!(!held.is_finished(), "the held request was answered at once");
+    held
+}
+
 #[test]
 fn sigterm_stops_gracefully_and_sigint_stops_fast() {
-    for (name, signal) in [("sigterm", Signal::SIGTERM), ("sigint", Signal::SIGINT)] {
-        let mut host = start_sample(name, 2, "");
-        let workers = host.worker_pids();
-        host.signal(signal);
-        assert!(host.wait_exit().success(), "{name}: {}", host.log());
-        wait_until("every worker is gone", || {
-            workers.iter().all(|pid| !alive(*pid))
-        });
-    }
+    // SIGTERM: the request in flight is answered before the master exits.
+    let (mut host, hold) = start_holding("sigterm");
+    let workers = host.worker_pids();
+    let held = hold_request(&host);
+    host.signal(Signal::SIGTERM);
+    wait_until("the master is stopping", || host.log().contains("stopping"));
+    assert!(
+        alive(host.pid()) && alive(workers[0]),
+        "a graceful stop left before its request was answered; log:\n{}",
+        host.log()
+    );
+    assert!(!held.is_finished(), "answered before it was released");
+    std::fs::remove_file(&hold).unwrap();
+    let reply = held
+        .join()
+        .unwrap()
+        .expect("answered across a graceful stop");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "released"));
+    assert!(host.wait_exit().success(), "sigterm: {}", host.log());
+    wait_until("every worker is gone", || {
+        workers.iter().all(|pid| !alive(*pid))
+    });
+
+    // SIGINT: the master and its worker go with the request still held.
+    let (mut host, hold) = start_holding("sigint");
+    let workers = host.worker_pids();
+    let held = hold_request(&host);
+    host.signal(Signal::SIGINT);
+    assert!(host.wait_exit().success(), "sigint: {}", host.log());
+    wait_until("every worker is gone", || {
+        workers.iter().all(|pid| !alive(*pid))
+    });
+    assert!(hold.exists(), "the request was never released");
+    let reply = held.join().unwrap();
+    assert!(
+        reply.is_err(),
+        "a fast stop does not wait for a request in flight: {reply:?}"
+    );
 }
 
 #[test]
 fn status_reports_workers_in_text_and_json() {
     let host = start_sample("status", 2, "");
-    let output = host.cli(&["status"]);
-    assert!(output.status.success());
-    let shown = text(&output);
-    for pid in host.worker_pids() {
-        assert!(shown.contains(&pid.to_string()), "{shown}");
+    for _ in 0..5 {
+        assert_eq!(get(host.addr, "/").status, 200);
     }
-    assert!(shown.contains("ready"), "{shown}");
     let status = host.status();
     assert_eq!(status["pid"].as_u64().unwrap() as u32, host.pid());
-    let worker = &status["workers"][0];
-    for key in [
-        "group",
-        "slot",
-        "pid",
-        "state",
-        "version",
-        "uptime_secs",
-        "requests",
-        "in_flight",
-        "rss_bytes",
-    ] {
-        assert!(!worker[key].is_null(), "status JSON lacks {key}: {worker}");
+    assert_eq!(status["reloading"], false, "{status}");
+    assert_eq!(status["restarts"], 0, "{status}");
+    let group = &status["groups"][0];
+    assert_eq!(group["name"], "web", "{status}");
+    assert_eq!(group["count"], 2, "{status}");
+    assert_eq!(group["ready"], 2, "{status}");
+    assert_eq!(group["listen"], host.addr.to_string(), "{status}");
+    let workers = status["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{status}");
+    let mut slots: Vec<u64> = workers
+        .iter()
+        .map(|w| w["slot"].as_u64().unwrap())
+        .collect();
+    slots.sort_unstable();
+    assert_eq!(slots, [0, 1], "{status}");
+    let mut requests = 0;
+    for worker in workers {
+        assert_eq!(worker["group"], "web", "{worker}");
+        assert_eq!(worker["state"], "ready", "{worker}");
+        assert_eq!(worker["version"], group["version"], "{worker}");
+        assert_eq!(worker["handler_version"], "v1", "{worker}");
+        assert_eq!(worker["in_flight"], 0, "{worker}");
+        assert!(worker["uptime_secs"].as_f64().unwrap() >= 0.0, "{worker}");
+        assert!(worker["rss_bytes"].as_u64().unwrap() > 0, "{worker}");
+        assert!(alive(worker["pid"].as_u64().unwrap() as u32), "{worker}");
+        requests += worker["requests"].as_u64().unwrap();
     }
-    assert!(worker["rss_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(requests, 5, "{status}");
+
+    let output = host.cli(&["status"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let shown = text(&output);
+    for worker in workers {
+        let pid = worker["pid"].to_string();
+        let line = shown
+            .lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(pid.as_str()))
+            .unwrap_or_else(|| panic!("no line for pid {pid}: {shown}"));
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(columns[0], "web", "{line}");
+        assert_eq!(columns[1], worker["slot"].to_string(), "{line}");
+        assert_eq!(columns[3], "ready", "{line}");
+        assert_eq!(Some(columns[4]), worker["version"].as_str(), "{line}");
+        assert_eq!(columns[5], "v1", "{line}");
+    }
+    assert!(shown.contains("2/2 ready"), "{shown}");
+}
+
+#[test]
+fn crash_restarts_back_off_on_a_crash_loop_and_reset_after_a_healthy_run() {
+    let dir = TestDir::new("backoff");
+    let handler = dir.install(Variant::Faulty("cued"), "handler.so");
+    let crash = dir.path.join("crash");
+    let extra = format!(
+        "[group.settings]\nexit_while = {:?}\n",
+        crash.display().to_string()
+    );
+    let config = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        one_group_config(&handler, 1, &extra)
+    );
+    let host = Host::start(dir, &config);
+    let admin = host.admin();
+    let starts = || metric(&metrics(&admin), "host_worker_starts_total{group=\"web\"}");
+    // The delays the master chose, in order, from its log.
+    let delays = || -> Vec<u64> {
+        host.log()
+            .lines()
+            .filter_map(|l| l.split_once("restarting in ").map(|(_, rest)| rest))
+            .map(|rest| rest.split_once(" ms").unwrap().0.parse().unwrap())
+            .collect()
+    };
+
+    // A crash loop: every worker exits right after its start.
+    std::fs::write(&crash, "").unwrap();
+    wait_until("five workers have been started", || starts() >= 5);
+    let loop_delays = delays();
+    assert!(
+        loop_delays.len() >= 4 && loop_delays[..4] == [200, 400, 800, 1600],
+        "the restart delay doubles while workers keep dying: {loop_delays:?}; log:\n{}",
+        host.log()
+    );
+
+    // A healthy run: a worker that stays up longer than the 5 s the master
+    // calls a quick death (counted from when this test first saw it ready,
+    // which is no earlier than when it was).
+    std::fs::remove_file(&crash).unwrap();
+    let mut healthy = None;
+    wait_until("a worker is ready again", || {
+        let status = host.status();
+        healthy = status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["state"] == "ready")
+            .map(|w| w["pid"].as_u64().unwrap() as u32);
+        healthy.is_some()
+    });
+    let healthy = healthy.unwrap();
+    let seen_ready = std::time::Instant::now();
+    wait_until("the worker has lived past a quick death", || {
+        seen_ready.elapsed() > std::time::Duration::from_secs(6)
+    });
+    assert_eq!(host.worker_pids(), [healthy]);
+    let before = delays().len();
+
+    // Its death is not part of the loop: the next quick death starts over.
+    std::fs::write(&crash, "").unwrap();
+    wait_until("a crash after the healthy run is given a delay", || {
+        delays().len() > before
+    });
+    let after = delays();
+    assert_eq!(
+        after[before],
+        200,
+        "the delay starts over after a healthy run: {after:?}; log:\n{}",
+        host.log()
+    );
+    std::fs::remove_file(&crash).unwrap();
+    let mut host = host;
+    host.wait_all_ready();
+    assert_eq!(get(host.addr, "/").body, "faulty-handler ok");
 }
