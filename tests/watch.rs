@@ -106,3 +106,49 @@ fn a_rebuild_others_could_write_is_refused_and_the_next_good_one_reloads() {
     host.dir.install(Variant::SampleV2, "handler.so");
     wait_serving(&host, "v2");
 }
+
+#[test]
+fn a_touch_or_a_rewrite_of_the_same_bytes_does_not_reload() {
+    let dir = TestDir::new("unchanged");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    let config = format!("watch = true\n{}", one_group_config(&handler, 2, ""));
+    let host = Host::start_with(dir, &config, |command| {
+        command.env("HOST_LOG", "info,host::master=debug");
+    });
+    let pids = host.worker_pids();
+    let skipped = || {
+        host.log()
+            .matches("handler file touched but unchanged")
+            .count()
+    };
+    let bytes = std::fs::read(&handler).unwrap();
+    let change = |what: &str| match what {
+        "a touch" => {
+            let file = std::fs::File::options().write(true).open(&handler).unwrap();
+            file.set_modified(std::time::SystemTime::now()).unwrap();
+        }
+        "the same bytes written in place" => std::fs::write(&handler, &bytes).unwrap(),
+        _ => {
+            host.dir.install(Variant::SampleV1, "handler.so");
+        }
+    };
+    for what in [
+        "a touch",
+        "the same bytes written in place",
+        "the same build installed again",
+    ] {
+        let before = skipped();
+        change(what);
+        // Wait for the master's verdict on this change, whichever it is.
+        wait_until(&format!("{what} is looked at"), || {
+            skipped() > before || host.try_status()["reloads_ok"] != 0
+        });
+        let status = host.status();
+        assert_eq!(status["reloads_ok"], 0, "{what} reloaded: {status}");
+        assert_eq!(host.worker_pids(), pids, "{what} replaced workers");
+    }
+    // The watch is still live: a real change reloads.
+    host.dir.install(Variant::SampleV2, "handler.so");
+    wait_serving(&host, "v2");
+    assert_eq!(host.status()["reloads_ok"], 1);
+}
