@@ -231,3 +231,87 @@ fn gc_keeps_pinned_running_and_recent_versions() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0]["label"], "one");
 }
+
+#[test]
+fn a_handler_in_a_directory_others_can_write_is_refused_unless_it_is_sticky() {
+    let dir = TestDir::new("writable-dir");
+    let shared = dir.path.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let handler = dir.install(Variant::SampleV1, "shared/handler.so");
+    assert_eq!(
+        std::fs::metadata(&handler).unwrap().permissions().mode() & 0o022,
+        0,
+        "the file itself is not writable by others"
+    );
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    dir.write("host.toml", one_group_config(&handler, 1, ""));
+    let output = host_command(&dir, &["start"]);
+    assert!(!output.status.success(), "{}", text(&output));
+    let expected = format!("is in {}, which other users can write to", shared.display());
+    assert!(text(&output).contains(&expected), "{}", text(&output));
+    wait_until("nothing is left running", || processes_of(&dir).is_empty());
+
+    // Sticky, like /tmp: others cannot replace the file.
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let config = one_group_config(&handler, 1, "");
+    let host = Host::start(dir, &config);
+    assert_eq!(get(host.addr, "/version").body, "v1");
+}
+
+#[test]
+fn gc_with_a_running_master_keeps_running_pinned_and_recent_versions() {
+    let dir = TestDir::new("gc-running");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    let v2 = dir.install(Variant::SampleV2, "v2.so");
+    let three = dir.install(Variant::Faulty("none"), "three.so");
+    let four = dir.install(Variant::Faulty("cued"), "four.so");
+    let host = Host::start(dir, &one_group_config(&handler, 2, ""));
+    let running = host.status()["groups"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    cli_ok(
+        &host.dir,
+        &["deploy", v2.to_str().unwrap(), "--label", "two"],
+    );
+    cli_ok(
+        &host.dir,
+        &["deploy", three.to_str().unwrap(), "--label", "three"],
+    );
+    // The store orders versions by the second they were added: "four"
+    // lands in a later second than the others, so it is the most recent.
+    let three_added = version_with_label(&versions(&host.dir), "three")["added"]
+        .as_u64()
+        .unwrap();
+    wait_until("a new second", || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        now.as_secs() > three_added
+    });
+    cli_ok(
+        &host.dir,
+        &["deploy", four.to_str().unwrap(), "--label", "four"],
+    );
+    cli_ok(&host.dir, &["pin", "two"]);
+    let shown = cli_ok(&host.dir, &["gc", "--keep", "1"]);
+    assert!(shown.contains("1 version(s) removed, 3 kept"), "{shown}");
+    assert!(shown.contains("(three)"), "{shown}");
+    let left = versions(&host.dir);
+    assert_eq!(left.len(), 3, "{left:?}");
+    let by_hash = |prefix: &str| {
+        left.iter()
+            .any(|v| v["hash"].as_str().unwrap().starts_with(prefix))
+    };
+    assert!(
+        by_hash(&running),
+        "the running version was removed: {left:?}"
+    );
+    version_with_label(&left, "two");
+    version_with_label(&left, "four");
+
+    // The running workers keep serving, and the pinned build still reloads.
+    assert_all_serve(&host, "v1");
+    cli_ok(&host.dir, &["reload"]);
+    assert_all_serve(&host, "v2");
+}
