@@ -196,9 +196,19 @@ fn config_with_a_bad_address_is_refused() {
 
 #[test]
 fn config_with_a_syntax_error_is_refused() {
-    let (dir, config) = dir_with("syntax-error", Variant::SampleV1, "name = \"unterminated");
+    let bad = "name = \"unterminated";
+    let (dir, config) = dir_with("syntax-error", Variant::SampleV1, bad);
     let file = dir.path.join("host.toml").display().to_string();
-    assert_start_fails(&config, dir, &[&file]);
+    let line = config.lines().position(|l| l == bad).unwrap() + 1;
+    assert_start_fails(
+        &config,
+        dir,
+        &[
+            &file,
+            &format!("line {line} ({bad})"),
+            "invalid basic string",
+        ],
+    );
 }
 
 #[test]
