@@ -68,7 +68,7 @@ fn assert_nothing_left(dir: &TestDir) {
 fn assert_start_fails(config: &str, dir: TestDir, expected: &[&str]) -> String {
     let _cleanup = KillOnDrop(&dir);
     dir.write("host.toml", config);
-    let output = host_command(&dir, &["start"]);
+    let output = host_start_must_fail(&dir);
     let message = assert_fails_with(&output, expected);
     assert_nothing_left(&dir);
     message

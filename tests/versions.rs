@@ -159,7 +159,7 @@ fn a_config_sha256_refuses_other_bytes_at_start_and_at_reload() {
         "host.toml",
         one_group_config(&handler, 1, &format!("sha256 = \"{hash}\"")),
     );
-    let output = host_command(&dir, &["start"]);
+    let output = host_start_must_fail(&dir);
     assert!(!output.status.success());
     assert!(
         text(&output).contains("config allows only"),
@@ -188,7 +188,7 @@ fn a_handler_writable_by_others_is_refused_unless_allowed() {
     let handler = dir.install(Variant::SampleV1, "handler.so");
     std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o666)).unwrap();
     dir.write("host.toml", one_group_config(&handler, 1, ""));
-    let output = host_command(&dir, &["start"]);
+    let output = host_start_must_fail(&dir);
     assert!(!output.status.success());
     assert!(
         text(&output).contains("writable by other users"),
@@ -237,7 +237,9 @@ fn a_handler_in_a_directory_others_can_write_is_refused_unless_it_is_sticky() {
     let dir = TestDir::new("writable-dir");
     let shared = dir.path.join("shared");
     std::fs::create_dir(&shared).unwrap();
-    let handler = dir.install(Variant::SampleV1, "shared/handler.so");
+    let build = dir.install(Variant::SampleV1, "handler.so");
+    let handler = shared.join("handler.so");
+    std::fs::rename(&build, &handler).unwrap();
     assert_eq!(
         std::fs::metadata(&handler).unwrap().permissions().mode() & 0o022,
         0,
@@ -245,7 +247,7 @@ fn a_handler_in_a_directory_others_can_write_is_refused_unless_it_is_sticky() {
     );
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     dir.write("host.toml", one_group_config(&handler, 1, ""));
-    let output = host_command(&dir, &["start"]);
+    let output = host_start_must_fail(&dir);
     assert!(!output.status.success(), "{}", text(&output));
     let expected = format!("is in {}, which other users can write to", shared.display());
     assert!(text(&output).contains(&expected), "{}", text(&output));

@@ -249,13 +249,33 @@ pub fn one_group_config(handler: &Path, count: usize, extra: &str) -> String {
 
 /// Runs `host ARGS -c CONFIG` to completion (see [`run_bounded`]).
 pub fn host_command(dir: &TestDir, args: &[&str]) -> Output {
+    run_bounded(host_command_line(dir, args))
+}
+
+fn host_command_line(dir: &TestDir, args: &[&str]) -> Command {
     let mut command = Command::new(host_bin());
     command.current_dir(&dir.path).args(args);
     if args.first().is_some_and(|a| *a != "worker") && dir.path.join("host.toml").exists() {
         command.arg("-c").arg(dir.path.join("host.toml"));
     }
     command.env("HOST_TEST_TAG", tag(dir));
-    run_bounded(command)
+    command
+}
+
+/// Runs `host start` in the foreground where it must fail, and returns its
+/// output. A master that reports it is serving instead fails the test at
+/// once (it would otherwise serve until the deadline).
+pub fn host_start_must_fail(dir: &TestDir) -> Output {
+    let mut run = BoundedRun::start(host_command_line(dir, &["start"]));
+    while !run.exited() {
+        let shown = run.output_so_far();
+        assert!(
+            !shown.contains(": serving "),
+            "host start was expected to fail, and serves:\n{shown}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run.wait()
 }
 
 /// Runs a command to completion, as `Command::output` does, but never for
@@ -327,6 +347,14 @@ impl BoundedRun {
             String::from_utf8_lossy(&lock(stdout).bytes),
             String::from_utf8_lossy(&lock(stderr).bytes)
         )
+    }
+
+    /// Whether the command has exited (its output may still be coming).
+    pub fn exited(&mut self) -> bool {
+        if self.started.elapsed() > DEADLINE {
+            return true; // `wait` fails the test with the output.
+        }
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// Waits for the command to exit and its output to end, failing the
