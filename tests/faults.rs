@@ -202,12 +202,12 @@ fn labels_are_valid_unique_and_never_silently_replaced() {
     // Two deploys of one build with two labels at once: one wins, the
     // other says why; neither is lost silently.
     let spawn = |label: &str| {
-        Command::new(host_bin())
+        let mut command = Command::new(host_bin());
+        command
             .current_dir(&dir.path)
             .args(["deploy", v2.to_str().unwrap(), "--label", label, "-c"])
-            .arg(dir.path.join("host.toml"))
-            .output()
-            .unwrap()
+            .arg(dir.path.join("host.toml"));
+        run_bounded(command)
     };
     let (p, q) = std::thread::scope(|s| {
         let p = s.spawn(|| spawn("p"));
@@ -238,8 +238,10 @@ fn labels_are_valid_unique_and_never_silently_replaced() {
 
 #[test]
 fn a_user_the_control_socket_refuses_is_told_why() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED a_user_the_control_socket_refuses_is_told_why: needs root");
+    if !root_or_skip(
+        "a_user_the_control_socket_refuses_is_told_why",
+        "to run the CLI as another uid",
+    ) {
         return;
     }
     let dir = TestDir::new("peer-cred");
@@ -247,14 +249,14 @@ fn a_user_the_control_socket_refuses_is_told_why() {
     let host = Host::start(dir, &one_group_config(&handler, 1, ""));
     let run = host.dir.path.join("run");
     let as_other_user = || {
-        Command::new(host_bin())
+        let mut command = Command::new(host_bin());
+        command
             .current_dir(&host.dir.path)
             .args(["status", "-c"])
             .arg(host.dir.path.join("host.toml"))
             .uid(54321)
-            .gid(54321)
-            .output()
-            .unwrap()
+            .gid(54321);
+        run_bounded(command)
     };
     std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     // The socket's mode stops them first...

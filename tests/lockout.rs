@@ -49,12 +49,12 @@ fn a_config_that_no_longer_parses_never_locks_out_stop_and_status() {
     assert_all_serve(&host, "v1");
 
     // From another directory, with the config's absolute path.
-    let output = Command::new(host_bin())
+    let mut command = Command::new(host_bin());
+    command
         .current_dir("/")
         .args(["status", "--json", "-c"])
-        .arg(host.dir.path.join("host.toml"))
-        .output()
-        .unwrap();
+        .arg(host.dir.path.join("host.toml"));
+    let output = run_bounded(command);
     assert_eq!(status_json(&output)["pid"], host.pid());
 
     let output = host.cli(&["stop"]);

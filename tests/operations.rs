@@ -326,12 +326,10 @@ fn the_daemon_log_file_is_reopened_on_sigusr2() {
 
 #[test]
 fn as_root_the_master_and_workers_run_as_the_configured_user() {
-    if !nix::unistd::Uid::effective().is_root() {
-        // Straight to stderr: the test harness would swallow eprintln!.
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            b"SKIPPED as_root_the_master_and_workers_run_as_the_configured_user: not root\n",
-        );
+    if !root_or_skip(
+        "as_root_the_master_and_workers_run_as_the_configured_user",
+        "to drop privileges",
+    ) {
         return;
     }
     let nobody = nix::unistd::User::from_name("nobody")

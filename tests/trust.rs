@@ -18,11 +18,7 @@ use support::*;
 const OTHER_USER: u32 = 54321;
 
 fn as_root(test: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        eprintln!("SKIPPED {test}: needs root, to give files to another uid");
-    }
-    root
+    root_or_skip(test, "to give files to another uid")
 }
 
 fn chmod(path: &Path, mode: u32) {

@@ -19,6 +19,18 @@ use serde_json::Value;
 /// How long any condition may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Whether the test runs as root; if not, says on the terminal that `test`
+/// is skipped and why (straight to stderr: the harness swallows eprintln!
+/// of a passing test, and a skip must not pass unseen).
+pub fn root_or_skip(test: &str, why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        let line = format!("SKIPPED {test}: needs root, {why}\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    }
+    root
+}
+
 /// The `host` binary under test.
 pub fn host_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_host"))
