@@ -328,7 +328,6 @@ async fn run_until_told(
                 (server.handler().reload())();
             }
             Ok(Some(ToWorker::Drain)) | Ok(None) => {
-                tracing::debug!("draining");
                 if !server.drain(lame_duck, stop_timeout).await {
                     tracing::warn!("stop timeout reached with connections still open");
                 }

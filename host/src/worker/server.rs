@@ -266,6 +266,9 @@ impl Server {
     pub async fn drain(&self, lame_duck: Duration, stop_timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + stop_timeout;
         self.start_draining();
+        // Logged once answers carry `Connection: close`: a test that reads
+        // this line may count on it.
+        tracing::debug!("draining");
         let lame_duck_end = tokio::time::Instant::now() + lame_duck;
         let _ = tokio::time::timeout_at(lame_duck_end.min(deadline), self.all_closed()).await;
         self.close_connections();
