@@ -287,7 +287,9 @@ fn sigterm_stops_gracefully_and_sigint_stops_fast() {
     let workers = host.worker_pids();
     let held = hold_request(&host);
     host.signal(Signal::SIGTERM);
-    wait_until("the master is stopping", || host.log().contains("stopping"));
+    wait_until("the master is stopping", || {
+        host.log().contains("stopping graceful=true")
+    });
     assert!(
         alive(host.pid()) && alive(workers[0]),
         "a graceful stop left before its request was answered; log:\n{}",
@@ -417,22 +419,25 @@ fn crash_restarts_back_off_on_a_crash_loop_and_reset_after_a_healthy_run() {
     // calls a quick death (counted from when this test first saw it ready,
     // which is no earlier than when it was).
     std::fs::remove_file(&crash).unwrap();
-    let mut healthy = None;
-    wait_until("a worker is ready again", || {
+    // (A worker that saw the file just before it went still exits: the
+    // watch starts over with whichever worker is ready next.)
+    let mut healthy: Option<(u32, std::time::Instant)> = None;
+    wait_until("a worker has lived past a quick death", || {
         let status = host.status();
-        healthy = status["workers"]
+        let ready = status["workers"]
             .as_array()
             .unwrap()
             .iter()
             .find(|w| w["state"] == "ready")
             .map(|w| w["pid"].as_u64().unwrap() as u32);
-        healthy.is_some()
+        healthy = match (ready, healthy) {
+            (Some(pid), Some((seen, since))) if pid == seen => Some((seen, since)),
+            (Some(pid), _) => Some((pid, std::time::Instant::now())),
+            (None, _) => None,
+        };
+        healthy.is_some_and(|(_, since)| since.elapsed() > std::time::Duration::from_secs(6))
     });
-    let healthy = healthy.unwrap();
-    let seen_ready = std::time::Instant::now();
-    wait_until("the worker has lived past a quick death", || {
-        seen_ready.elapsed() > std::time::Duration::from_secs(6)
-    });
+    let healthy = healthy.unwrap().0;
     assert_eq!(host.worker_pids(), [healthy]);
     let before = delays().len();
 
