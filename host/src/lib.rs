@@ -2,7 +2,8 @@
 //! through a handler library loaded at worker start.
 //!
 //! - `cli`: the commands; `config`: the config file;
-//! - `master/`: supervisor, reload, control socket, handler store;
+//! - `master/`: supervisor, reload, control socket, watcher;
+//! - `versions/`: the handler store and pins, for the CLI and the master;
 //! - `worker/`: handler loader, HTTP server, drain;
 //! - `protocol/`: messages between CLI, master and workers;
 //! - `counters`: per-worker counters in shared memory;
@@ -18,6 +19,7 @@ mod logfile;
 mod master;
 mod protocol;
 mod trust;
+mod versions;
 mod worker;
 
 use std::process::ExitCode;

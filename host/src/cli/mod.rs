@@ -238,7 +238,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
             let (group, hash) = versions::pin(&config, &spec, group.as_deref())?;
             println!(
                 "pinned group {group} to {}; `host reload` switches to it (a stopped host starts with it)",
-                crate::master::store::short(&hash)
+                crate::versions::store::short(&hash)
             );
             Ok(ExitCode::SUCCESS)
         }

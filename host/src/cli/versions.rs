@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use super::try_status;
 use crate::config::{Config, GroupConfig, RunDir};
-use crate::master::pins;
-use crate::master::store::{short, HandlerStore, VersionInfo};
 use crate::trust::Owners;
+use crate::versions::pins;
+use crate::versions::store::{short, HandlerStore, VersionInfo};
 
 /// The store, unless the run directory does not exist yet: commands that
 /// only read or remove do not create one as a side effect.

@@ -11,11 +11,9 @@ mod admin;
 mod connections;
 mod control;
 mod metrics;
-pub mod pins;
 mod privileges;
 mod reload;
 mod spawn;
-pub mod store;
 mod supervisor;
 mod systemd;
 mod watch;
@@ -34,8 +32,7 @@ use crate::config::{Config, RunDir};
 use crate::protocol::control::{ControlReply, ControlRequest};
 use crate::protocol::worker::FromWorker;
 use crate::trust::Owners;
-pub use spawn::POOL_THREADS_ENV;
-use store::HandlerStore;
+use crate::versions::store::HandlerStore;
 use supervisor::{Master, WorkerId};
 
 /// What the master reacts to.

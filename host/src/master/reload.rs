@@ -24,8 +24,8 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::pins;
-use super::store::Version;
+use crate::versions::pins;
+use crate::versions::store::Version;
 use super::supervisor::{Master, Role, WorkerId};
 use crate::protocol::control::{
     ControlReply, GroupChange, KilledWorker, ReloadOutcome, ReloadStep,

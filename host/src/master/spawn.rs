@@ -15,9 +15,7 @@ use command_fds::{CommandFdExt, FdMapping};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use crate::counters::SharedCounters;
-
-/// The environment variable carrying a worker's pool size.
-pub const POOL_THREADS_ENV: &str = "HOST_POOL_THREADS";
+use crate::protocol::worker::POOL_THREADS_ENV;
 
 /// For profilers: a command, split on whitespace, that runs each worker
 /// (`HOST_WORKER_WRAPPER="valgrind --tool=callgrind"`, see

@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 
 use super::admin::{AdminAnswer, AdminQuery};
 use super::metrics::{ExitReason, Metrics};
-use super::pins;
+use crate::versions::pins;
 use super::reload::{QueuedReload, ReloadRun};
 use super::spawn::spawn_worker;
-use super::store::{HandlerStore, Version};
+use crate::versions::store::{HandlerStore, Version};
 use super::systemd::{self, ActivatedListener};
 use super::{report_ready, Event, SignalAction};
 use crate::config::{Config, GroupConfig, RunDir};

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Dispatch;
 
+/// The environment variable carrying a worker's pool size: read before
+/// the worker's runtime is built, so it cannot wait for `Start`.
+pub const POOL_THREADS_ENV: &str = "HOST_POOL_THREADS";
+
 /// Everything a worker needs to know to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {

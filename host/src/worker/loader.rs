@@ -21,7 +21,7 @@ use abi_stable::library::{LibraryError, RootModule};
 use anyhow::{bail, Context as _};
 use handler_api::HandlerModuleRef;
 
-use crate::master::store::hash_bytes;
+use crate::versions::store::hash_bytes;
 use crate::trust::Owners;
 
 /// Loads the handler store copy at `path` (named `<sha256>.so`); the error

@@ -102,7 +102,7 @@ pub fn inspect(path: &std::path::Path, source: &std::path::Path) -> ExitCode {
 
 /// The group's `pool_threads`, set by the master for `dispatch = "pool"`.
 fn pool_threads() -> usize {
-    std::env::var(crate::master::POOL_THREADS_ENV)
+    std::env::var(crate::protocol::worker::POOL_THREADS_ENV)
         .ok()
         .and_then(|n| n.parse().ok())
         .filter(|n| *n > 0)
