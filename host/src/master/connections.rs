@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::supervisor::{Master, WorkerId};
+use super::lifecycle::WorkerId;
+use super::supervisor::Master;
 use super::Event;
 use crate::protocol::control::{ControlReply, WorkerConnections};
 use crate::protocol::worker::{ConnectionInfo, ToWorker};
@@ -26,7 +27,7 @@ pub struct ConnectionsQuery {
 
 impl Master {
     /// Asks every worker for its connections.
-    pub fn query_connections(&mut self, reply: mpsc::UnboundedSender<ControlReply>) {
+    pub(super) fn query_connections(&mut self, reply: mpsc::UnboundedSender<ControlReply>) {
         let id = self.next_query;
         self.next_query += 1;
         let mut answers = BTreeMap::new();
@@ -37,7 +38,7 @@ impl Master {
                     group: self.groups[worker.group].config.name.clone(),
                     slot: worker.slot,
                     pid: worker.pid,
-                    state: worker.state,
+                    state: worker.lifecycle.wire(),
                     connections: None,
                 },
             );
@@ -50,7 +51,11 @@ impl Master {
     }
 
     /// A worker listed its connections.
-    pub fn worker_connections(&mut self, worker: WorkerId, connections: Vec<ConnectionInfo>) {
+    pub(super) fn worker_connections(
+        &mut self,
+        worker: WorkerId,
+        connections: Vec<ConnectionInfo>,
+    ) {
         for query in &mut self.connection_queries {
             if let Some(answer) = query.answers.get_mut(&worker) {
                 answer
@@ -62,7 +67,7 @@ impl Master {
     }
 
     /// A worker exited: queries stop waiting for it.
-    pub fn connections_worker_gone(&mut self, worker: WorkerId) {
+    pub(super) fn connections_worker_gone(&mut self, worker: WorkerId) {
         for query in &mut self.connection_queries {
             query.answers.remove(&worker);
         }
@@ -70,7 +75,7 @@ impl Master {
     }
 
     /// A query's wait is over: answer with what came in.
-    pub fn connections_timeout(&mut self, id: u64) {
+    pub(super) fn connections_timeout(&mut self, id: u64) {
         if let Some(at) = self.connection_queries.iter().position(|q| q.id == id) {
             let query = self.connection_queries.remove(at);
             let _ = query.reply.send(ControlReply::Connections {

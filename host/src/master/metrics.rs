@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use super::supervisor::WorkerId;
+use super::lifecycle::WorkerId;
 use crate::counters::WorkerCounters;
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -79,7 +79,7 @@ pub struct Metrics {
 }
 
 /// Why a worker ended, as a metric label.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {
     /// Retired by a reload or a stop.
     Retired,

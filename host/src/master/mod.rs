@@ -10,10 +10,13 @@
 mod admin;
 mod connections;
 mod control;
+mod lifecycle;
 mod metrics;
 mod privileges;
 mod reload;
+mod slot;
 mod spawn;
+mod status;
 mod supervisor;
 mod systemd;
 mod watch;
@@ -33,7 +36,8 @@ use crate::protocol::control::{ControlReply, ControlRequest};
 use crate::protocol::worker::FromWorker;
 use crate::trust::Owners;
 use crate::versions::store::HandlerStore;
-use supervisor::{Master, WorkerId};
+use lifecycle::WorkerId;
+use supervisor::Master;
 
 /// What the master reacts to.
 #[derive(Debug)]
@@ -112,9 +116,16 @@ fn run_master(config: Config, ready: &mut Option<OwnedFd>) -> Result<()> {
             Some(addr) => Some(admin::bind(addr).await?),
             None => None,
         };
-        let mut master = Master::new(config, store, run_dir.clone(), activated, events_tx.clone())?;
+        let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
+        let mut master = Master::new(
+            config,
+            store,
+            run_dir.clone(),
+            activated,
+            events_tx.clone(),
+            admin_addr,
+        )?;
         if let Some(admin) = admin {
-            master.admin_addr = admin.local_addr().ok();
             tokio::spawn(admin::serve(admin, events_tx.clone()));
         }
         let control = control::bind(&run_dir.control_socket())?;

@@ -1,443 +1,590 @@
 //! What happens on `host reload`.
 //!
-//! 1. Each targeted group's handler file is snapshotted into the store once;
-//!    every replacement in this reload loads exactly those bytes.
-//! 2. Slot by slot: spawn the replacement, wait for its ready report (bounded
-//!    by the start timeout), make it the slot's worker, and tell the old one
-//!    to drain. The next slot starts right away: draining workers retire in
-//!    parallel, so the reload costs the workers' start time, not a lame-duck
-//!    period per worker. A slot always has a serving worker.
-//! 3. If a replacement fails (load error, ABI mismatch, start error, crash,
-//!    timeout), it is killed, the remaining old workers stay, and the slots
-//!    already replaced get the previous version back the same way. The
-//!    worker's own error is the reload's error.
-//! 4. The reload ends when every replacement is ready and every retired
-//!    worker is gone (killed, and reported, after its stop timeout).
+//! 1. Each targeted group's handler file is snapshotted into the store once
+//!    (the master does this, into a [`ReloadPlan`]); every replacement in
+//!    this reload loads exactly those bytes.
+//! 2. [`Phase::Forward`], slot by slot: spawn the replacement, wait for its
+//!    ready report (bounded by the start timeout), make it the slot's worker,
+//!    and retire the old one. The next slot starts right away: retired
+//!    workers drain in parallel, so the reload costs the workers' start
+//!    time, not a lame-duck period per worker. A slot always has a serving
+//!    worker.
+//! 3. [`Phase::RollingBack`]: if a replacement fails (load error, ABI
+//!    mismatch, start error, crash, timeout), it is killed, the remaining
+//!    old workers stay, and the slots already replaced get the previous
+//!    version back the same way, last first. The worker's own error is the
+//!    reload's error.
+//! 4. [`Phase::Retiring`]: every slot has its worker; the reload ends when
+//!    every retired worker (and refused replacement) is gone, those still
+//!    draining at their stop timeout being killed and reported.
 //!
 //! Groups with `reloadable = false` keep their workers and get a reload
 //! notification. A reload asked while one runs is queued; further requests
 //! merge into the queued one, and every caller gets that reload's outcome.
+//! A stop ends the running reload as failed and refuses the queued one.
+//!
+//! This file is only the machine: [`Reloads`] takes inputs (a reload
+//! requested, a replacement ready or failed, a worker gone, a stop timeout,
+//! a stop requested), reads the worker table through [`WorkerTable`], and
+//! returns the [`Action`]s the master carries out, in order. It spawns,
+//! sends and kills nothing, so the tests below run it without processes.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::versions::pins;
-use crate::versions::store::Version;
-use super::supervisor::{Master, Role, WorkerId};
+use super::lifecycle::WorkerId;
 use crate::protocol::control::{
     ControlReply, GroupChange, KilledWorker, ReloadOutcome, ReloadStep,
 };
-use crate::protocol::worker::ToWorker;
+use crate::versions::store::Version;
 
-type Reply = mpsc::UnboundedSender<ControlReply>;
+/// Where a caller waiting on a reload gets its replies.
+pub type Reply = mpsc::UnboundedSender<ControlReply>;
 
-/// A reload in progress.
-pub struct ReloadRun {
-    started: Instant,
-    targets: Vec<Target>,
-    notified: Vec<String>,
-    /// Slots still to replace, in order.
-    todo: VecDeque<(usize, usize)>,
-    /// Slots replaced so far, to put back if the reload fails.
-    replaced: Vec<(usize, usize)>,
-    /// The replacement being started now.
-    step: Option<Step>,
-    /// Why the reload is being rolled back.
-    failure: Option<String>,
-    /// Workers the reload waits to see gone: old ones told to drain, and
-    /// refused replacements (sent SIGKILL).
-    retiring: BTreeSet<WorkerId>,
-    ready_at: Option<Instant>,
-    killed: Vec<KilledWorker>,
-    waiters: Vec<Reply>,
+/// A slot, as (group index, slot index).
+type SlotRef = (usize, usize);
+
+/// What a reload reads of the master's worker table.
+pub trait WorkerTable {
+    /// The worker serving a slot.
+    fn serving(&self, group: usize, slot: usize) -> Option<WorkerId>;
+    /// A live worker's pid and short version.
+    fn describe(&self, worker: WorkerId) -> Option<(u32, String)>;
+    /// An id for a worker about to be spawned.
+    fn new_worker_id(&mut self) -> WorkerId;
 }
 
-struct Target {
-    group: usize,
-    from: Arc<Version>,
-    to: Arc<Version>,
+/// What a reload asks the master to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Plan a reload (snapshot or look up each group's version) and pass
+    /// the plan to [`Reloads::start`], or the reason it cannot to
+    /// [`Reloads::refused`].
+    Start {
+        /// Only this group; all groups when `None`.
+        group: Option<String>,
+        /// Who waits on it.
+        waiters: Vec<Reply>,
+        /// A handler file just snapshotted by the requester (watch mode).
+        snapshot: Option<Arc<Version>>,
+    },
+    /// Tell the workers of a group that is not reloadable about the reload.
+    Notify {
+        /// Group index.
+        group: usize,
+    },
+    /// Start worker `worker` for a slot on `version`, as a replacement.
+    /// Its ready report goes to [`Reloads::replacement_ready`]; its failure
+    /// to start, or to spawn, to [`Reloads::replacement_failed`].
+    Spawn {
+        /// The id it gets.
+        worker: WorkerId,
+        /// Group index.
+        group: usize,
+        /// Slot index.
+        slot: usize,
+        /// What it loads.
+        version: Arc<Version>,
+    },
+    /// Tell a worker to drain; its exit goes to [`Reloads::worker_gone`].
+    Retire(WorkerId),
+    /// Restart a slot left without a worker (its old one died meanwhile and
+    /// its replacement failed).
+    Refill {
+        /// Group index.
+        group: usize,
+        /// Slot index.
+        slot: usize,
+    },
+    /// Send `reply` to every caller in `to`.
+    Reply {
+        /// The callers.
+        to: Vec<Reply>,
+        /// What they get.
+        reply: ControlReply,
+    },
+    /// The reload ended: count it, and give each group in `versions` its
+    /// new version (empty when it failed).
+    Finish {
+        /// Whether every targeted slot runs the new version.
+        ok: bool,
+        /// From the request to the end.
+        elapsed: Duration,
+        /// (group index, version) of each reloaded group.
+        versions: Vec<(usize, Arc<Version>)>,
+    },
+    /// A reload could not start: count it as failed.
+    Refused {
+        /// From the request to the refusal.
+        elapsed: Duration,
+    },
 }
 
-struct Step {
-    worker: WorkerId,
-    group: usize,
-    slot: usize,
-    old: Option<WorkerId>,
-    spawned: Instant,
+/// One group a reload replaces the workers of.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Group index.
+    pub group: usize,
+    /// Group name.
+    pub name: String,
+    /// How many slots it has.
+    pub slots: usize,
+    /// The version its workers run now.
+    pub from: Arc<Version>,
+    /// The version they are to run.
+    pub to: Arc<Version>,
+}
+
+/// What a reload is to do, decided before it starts.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadPlan {
+    /// Reloadable groups, in the order their slots are replaced.
+    pub targets: Vec<Target>,
+    /// Groups that are not reloadable: (index, name), only notified.
+    pub notified: Vec<(usize, String)>,
+}
+
+/// The reload running, if any, and the one queued behind it.
+#[derive(Default)]
+pub struct Reloads {
+    running: Option<ReloadRun>,
+    queued: Option<QueuedReload>,
 }
 
 /// A reload asked for while another runs.
-pub struct QueuedReload {
+struct QueuedReload {
     group: Option<String>,
     waiters: Vec<Reply>,
 }
 
-impl Master {
-    /// Starts a reload, or queues it behind the running one. `snapshot`: a
-    /// handler file just snapshotted by the caller (watch mode), used for
-    /// the groups that load that file if the reload starts now.
-    pub fn request_reload(
+/// A reload in progress.
+struct ReloadRun {
+    started: Instant,
+    targets: Vec<Target>,
+    notified: Vec<String>,
+    phase: Phase,
+    /// The replacement being started now (never while retiring).
+    step: Option<Step>,
+    /// Workers the reload waits to see gone: old ones told to drain, and
+    /// refused replacements (sent SIGKILL), so nobody sees them in `host
+    /// status` after `host reload` returned.
+    retiring: BTreeSet<WorkerId>,
+    killed: Vec<KilledWorker>,
+    waiters: Vec<Reply>,
+}
+
+/// Where a reload is; see the module docs.
+enum Phase {
+    /// Replacing slots with the new version.
+    Forward {
+        /// Slots still to replace, in order.
+        todo: VecDeque<SlotRef>,
+        /// Slots replaced so far, to put back if the reload fails.
+        replaced: Vec<SlotRef>,
+    },
+    /// A replacement failed; the slots already replaced get the previous
+    /// version back.
+    RollingBack {
+        /// Why (the first failure, then any failure while putting back).
+        error: String,
+        /// Slots still to put back, last replaced first.
+        todo: VecDeque<SlotRef>,
+    },
+    /// Every slot has its worker; waiting for the retired ones to be gone.
+    Retiring {
+        /// Why the reload failed, if it did.
+        error: Option<String>,
+        /// When the last replacement became ready.
+        ready_at: Instant,
+    },
+}
+
+/// A replacement being started.
+struct Step {
+    worker: WorkerId,
+    group: usize,
+    slot: usize,
+    version: Arc<Version>,
+    /// The slot's worker when the replacement was spawned.
+    old: Option<WorkerId>,
+    spawned: Instant,
+}
+
+impl Reloads {
+    /// Whether a reload is running.
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Someone asked for a reload: it starts now, or is queued behind the
+    /// running one (merging with a reload already queued).
+    pub fn reload_requested(
         &mut self,
         group: Option<String>,
         reply: Reply,
         snapshot: Option<Arc<Version>>,
-    ) {
-        if let Some(name) = &group {
-            if !self.groups.iter().any(|g| &g.config.name == name) {
-                let _ = reply.send(ControlReply::Error {
-                    message: format!("no group named {name:?}"),
-                });
-                return;
-            }
+    ) -> Vec<Action> {
+        if self.running.is_none() {
+            return vec![Action::Start {
+                group,
+                waiters: vec![reply],
+                snapshot,
+            }];
         }
-        if self.reload.is_some() {
-            let queued = self.queued_reload.get_or_insert(QueuedReload {
-                group: group.clone(),
-                waiters: Vec::new(),
-            });
-            if queued.group != group {
-                queued.group = None;
-            }
-            let _ = reply.send(ControlReply::Accepted {
+        let queued = self.queued.get_or_insert(QueuedReload {
+            group: group.clone(),
+            waiters: Vec::new(),
+        });
+        if queued.group != group {
+            queued.group = None;
+        }
+        queued.waiters.push(reply.clone());
+        vec![Action::Reply {
+            to: vec![reply],
+            reply: ControlReply::Accepted {
                 message: "a reload is running; this one is queued and starts when it ends".into(),
-            });
-            queued.waiters.push(reply);
-            return;
-        }
-        self.start_reload(group, vec![reply], snapshot);
+            },
+        }]
     }
 
-    fn start_reload(
+    /// Starts a planned reload (after [`Action::Start`]).
+    pub fn start(
         &mut self,
-        group: Option<String>,
+        plan: ReloadPlan,
         waiters: Vec<Reply>,
-        snapshot: Option<Arc<Version>>,
-    ) {
-        let started = Instant::now();
-        let pins = match pins::load_pins(&self.run_dir) {
-            Ok(pins) => pins,
-            Err(e) => {
-                self.refuse_reload(started, format!("{e:#}"), waiters);
-                return;
-            }
-        };
-        let mut targets = Vec::new();
-        let mut notified = Vec::new();
-        for (index, g) in self.groups.iter().enumerate() {
-            if group.as_ref().is_some_and(|name| name != &g.config.name) {
-                continue;
-            }
-            if !g.config.reloadable {
-                notified.push(g.config.name.clone());
-                continue;
-            }
-            // A snapshot is of one file: it stands for the groups loading it.
-            let fresh = snapshot.clone().filter(|s| s.source == g.config.handler);
-            match pins::chosen_version(&self.store, &pins, &g.config, fresh) {
-                Ok(to) => targets.push(Target {
-                    group: index,
-                    from: g.version.clone(),
-                    to,
-                }),
-                Err(e) => {
-                    self.refuse_reload(started, format!("{e:#}"), waiters);
-                    return;
-                }
-            }
-        }
-        for name in &notified {
-            let ids: Vec<WorkerId> = self
-                .workers
-                .iter()
-                .filter(|(_, w)| &self.groups[w.group].config.name == name)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in ids {
-                self.tell(id, ToWorker::ReloadNotify);
-            }
-        }
-        let todo = targets
+        started: Instant,
+        table: &mut impl WorkerTable,
+    ) -> Vec<Action> {
+        let mut actions: Vec<Action> = plan
+            .notified
             .iter()
-            .flat_map(|t| (0..self.groups[t.group].slots.len()).map(move |s| (t.group, s)))
+            .map(|(group, _)| Action::Notify { group: *group })
             .collect();
-        for target in &targets {
+        for target in &plan.targets {
             tracing::info!(
-                group = %self.groups[target.group].config.name,
+                group = %target.name,
                 from = target.from.short(),
                 to = target.to.short(),
                 "reload started"
             );
         }
-        super::systemd::reloading();
-        self.reload = Some(ReloadRun {
+        let todo = plan
+            .targets
+            .iter()
+            .flat_map(|t| (0..t.slots).map(move |slot| (t.group, slot)))
+            .collect();
+        let mut run = ReloadRun {
             started,
-            targets,
-            notified,
-            todo,
-            replaced: Vec::new(),
+            targets: plan.targets,
+            notified: plan.notified.into_iter().map(|(_, name)| name).collect(),
+            phase: Phase::Forward {
+                todo,
+                replaced: Vec::new(),
+            },
             step: None,
-            failure: None,
             retiring: BTreeSet::new(),
-            ready_at: None,
             killed: Vec::new(),
             waiters,
-        });
-        self.reload_advance();
+        };
+        actions.extend(run.advance(table));
+        self.running = Some(run);
+        self.settle(actions)
     }
 
-    /// Answers a reload that cannot even start (no usable handler build).
-    fn refuse_reload(&mut self, started: Instant, error: String, waiters: Vec<Reply>) {
+    /// A reload could not be planned (after [`Action::Start`]).
+    pub fn refused(&mut self, error: String, waiters: Vec<Reply>, started: Instant) -> Vec<Action> {
         tracing::error!("reload refused: {error}");
-        self.reloads_failed += 1;
-        self.metrics
-            .reload_done(false, started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
         let outcome = ReloadOutcome {
             ok: false,
             error: Some(error),
             groups: Vec::new(),
             notified: Vec::new(),
             ready_ms: 0,
-            done_ms: started.elapsed().as_millis() as u64,
+            done_ms: elapsed.as_millis() as u64,
             killed: Vec::new(),
         };
-        for waiter in waiters {
-            let _ = waiter.send(ControlReply::Reloaded(outcome.clone()));
-        }
-        self.start_queued_reload();
+        let mut actions = vec![
+            Action::Refused { elapsed },
+            Action::Reply {
+                to: waiters,
+                reply: ControlReply::Reloaded(outcome),
+            },
+        ];
+        actions.extend(self.start_queued());
+        actions
     }
 
-    /// Starts the next replacement, or finishes when nothing is left.
-    fn reload_advance(&mut self) {
-        loop {
-            let Some(run) = self.reload.as_mut() else {
-                return;
-            };
-            if run.step.is_some() {
-                return;
-            }
-            let Some((group, slot)) = run.todo.pop_front() else {
-                run.ready_at.get_or_insert_with(Instant::now);
-                if run.retiring.is_empty() {
-                    self.reload_finish();
-                }
-                return;
-            };
-            let target = run
-                .targets
-                .iter()
-                .find(|t| t.group == group)
-                .expect("slot of a target group");
-            let version = if run.failure.is_some() {
-                target.from.clone()
-            } else {
-                target.to.clone()
-            };
-            let old = self.groups[group].slots[slot].current;
-            match self.spawn(group, slot, version, Role::Replacement) {
-                Ok(worker) => {
-                    let run = self.reload.as_mut().expect("reload in progress");
-                    run.step = Some(Step {
-                        worker,
-                        group,
-                        slot,
-                        old,
-                        spawned: Instant::now(),
-                    });
-                    return;
-                }
-                Err(e) => {
-                    let error = format!(
-                        "cannot start a worker for {}: {e:#}",
-                        self.label(group, slot)
-                    );
-                    self.reload_step_failed(group, slot, error);
-                }
-            }
-        }
+    /// A replacement reported ready and now serves its slot, taking over
+    /// from `previous`.
+    pub fn replacement_ready(
+        &mut self,
+        worker: WorkerId,
+        previous: Option<WorkerId>,
+        table: &mut impl WorkerTable,
+    ) -> Vec<Action> {
+        let Some(run) = self.running.as_mut() else {
+            return Vec::new();
+        };
+        let mut actions = run.replacement_ready(worker, previous, table);
+        actions.extend(run.advance(table));
+        self.settle(actions)
     }
 
-    /// The replacement of the current step reported ready.
-    pub fn reload_replacement_ready(&mut self, id: WorkerId) {
-        let Some(run) = self.reload.as_mut() else {
-            return;
+    /// A replacement failed to spawn or to start (it was sent SIGKILL);
+    /// `error` says why, naming the slot.
+    pub fn replacement_failed(
+        &mut self,
+        worker: WorkerId,
+        error: String,
+        table: &mut impl WorkerTable,
+    ) -> Vec<Action> {
+        let Some(run) = self.running.as_mut() else {
+            return Vec::new();
         };
-        let Some(step) = run.step.take_if(|s| s.worker == id) else {
-            return;
+        let Some(step) = run.step.take_if(|s| s.worker == worker) else {
+            return Vec::new();
         };
-        let rollback = run.failure.is_some();
-        if !rollback {
-            run.replaced.push((step.group, step.slot));
-        }
-        let new = &self.workers[&id];
-        let (new_pid, new_version) = (new.pid, new.version.clone());
-        let slot = &mut self.groups[step.group].slots[step.slot];
-        // The old worker may have died meanwhile; the slot then has none.
-        let old = slot.current.filter(|old| Some(*old) == step.old);
-        slot.current = Some(id);
-        slot.version = new_version.clone();
-        let old_info = old
-            .and_then(|o| self.workers.get(&o))
-            .map(|w| (w.pid, w.version.short().to_owned()));
-        let progress = ReloadStep {
-            group: self.groups[step.group].config.name.clone(),
-            slot: step.slot,
-            old_pid: old_info.as_ref().map(|(pid, _)| *pid),
-            old_version: old_info.map(|(_, v)| v),
-            new_pid,
-            new_version: new_version.short().to_owned(),
-            start_ms: step.spawned.elapsed().as_millis() as u64,
-            rollback,
-        };
-        if let Some(old) = old {
-            self.retire(old);
-            if let Some(run) = self.reload.as_mut() {
-                run.retiring.insert(old);
-            }
-        }
-        if let Some(run) = self.reload.as_ref() {
-            for waiter in &run.waiters {
-                let _ = waiter.send(ControlReply::Progress(progress.clone()));
-            }
-        }
-        self.reload_advance();
-    }
-
-    /// The replacement of the current step failed to start.
-    pub fn reload_replacement_failed(&mut self, id: WorkerId, error: String) {
-        let Some(run) = self.reload.as_mut() else {
-            return;
-        };
-        let Some(step) = run.step.take_if(|s| s.worker == id) else {
-            return;
-        };
-        // It was sent SIGKILL; the reload ends once it is gone, so nobody
-        // sees it in `host status` after `host reload` returned.
-        run.retiring.insert(id);
-        self.reload_step_failed(step.group, step.slot, error);
-        self.reload_advance();
-    }
-
-    fn reload_step_failed(&mut self, group: usize, slot: usize, error: String) {
-        let label = self.label(group, slot);
-        let Some(run) = self.reload.as_mut() else {
-            return;
-        };
-        match &mut run.failure {
-            None => {
-                tracing::warn!("reload aborted: {error}; putting back the previous version");
-                run.failure = Some(error);
-                run.todo = run.replaced.drain(..).rev().collect();
-            }
-            Some(failure) => {
-                failure.push_str(&format!(
-                    "; putting back the previous version on {label} failed too: {error}"
-                ));
-            }
-        }
-        // The slot may have lost its old worker meanwhile.
-        if self.groups[group].slots[slot].current.is_none() {
-            self.after(
-                std::time::Duration::ZERO,
-                super::Event::RestartDue { group, slot },
-            );
-        }
+        run.retiring.insert(worker);
+        let mut actions = run.step_failed(step.group, step.slot, error, table);
+        actions.extend(run.advance(table));
+        self.settle(actions)
     }
 
     /// A worker process is gone.
-    pub fn reload_worker_gone(&mut self, id: WorkerId) {
-        let Some(run) = self.reload.as_mut() else {
-            return;
+    pub fn worker_gone(&mut self, worker: WorkerId) -> Vec<Action> {
+        let Some(run) = self.running.as_mut() else {
+            return Vec::new();
         };
-        if run.retiring.remove(&id)
-            && run.retiring.is_empty()
-            && run.step.is_none()
-            && run.todo.is_empty()
-        {
-            self.reload_advance();
+        if !run.retiring.remove(&worker) {
+            return Vec::new();
+        }
+        self.settle(Vec::new())
+    }
+
+    /// A draining worker was killed at its stop timeout; the reload that
+    /// retired it reports it.
+    pub fn stop_timeout(&mut self, worker: WorkerId, killed: KilledWorker) {
+        if let Some(run) = self.running.as_mut() {
+            if run.retiring.contains(&worker) {
+                run.killed.push(killed);
+            }
         }
     }
 
-    /// A retiring worker was killed at its stop timeout.
-    pub fn reload_worker_killed(&mut self, id: WorkerId, in_flight: u64, connections: u64) {
-        let Some(run) = self.reload.as_mut() else {
-            return;
-        };
-        if !run.retiring.contains(&id) {
-            return;
+    /// The host is stopping: the running reload ends as failed (its
+    /// workers are being stopped anyway) and the queued one is refused.
+    pub fn stop_requested(&mut self, why: &str) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(run) = self.running.take() {
+            let (error, ready_at) = match &run.phase {
+                Phase::Forward { .. } => (why.to_owned(), None),
+                Phase::RollingBack { error, .. } => (error.clone(), None),
+                Phase::Retiring { error, ready_at } => (
+                    error.clone().unwrap_or_else(|| why.to_owned()),
+                    Some(*ready_at),
+                ),
+            };
+            actions.extend(run.finish(Some(error), ready_at));
         }
-        let Some(worker) = self.workers.get(&id) else {
-            return;
-        };
-        run.killed.push(KilledWorker {
-            group: self.groups[worker.group].config.name.clone(),
-            slot: worker.slot,
-            pid: worker.pid,
-            in_flight,
-            connections,
-        });
-    }
-
-    /// Ends a reload early (the host is stopping).
-    pub fn reload_abandon(&mut self, why: &str) {
-        if let Some(run) = self.reload.as_mut() {
-            run.failure.get_or_insert_with(|| why.to_owned());
-            run.todo.clear();
-            run.retiring.clear();
-            run.step = None;
-            self.reload_finish();
-        }
-        if let Some(queued) = self.queued_reload.take() {
-            for waiter in queued.waiters {
-                let _ = waiter.send(ControlReply::Error {
+        if let Some(queued) = self.queued.take() {
+            actions.push(Action::Reply {
+                to: queued.waiters,
+                reply: ControlReply::Error {
                     message: why.to_owned(),
-                });
-            }
-        }
-    }
-
-    fn reload_finish(&mut self) {
-        let Some(run) = self.reload.take() else {
-            return;
-        };
-        let ok = run.failure.is_none();
-        self.metrics
-            .reload_done(ok, run.started.elapsed().as_secs_f64());
-        if !self.is_stopping() {
-            super::systemd::ready("serving");
-        }
-        if ok {
-            self.reloads_ok += 1;
-        } else {
-            self.reloads_failed += 1;
-        }
-        let mut groups = Vec::new();
-        for target in &run.targets {
-            let group = &mut self.groups[target.group];
-            if ok {
-                group.version = target.to.clone();
-                if let Err(e) = pins::record(&self.run_dir, &group.config.name, &target.to.hash) {
-                    tracing::warn!("cannot record version history: {e:#}");
-                }
-            }
-            groups.push(GroupChange {
-                group: group.config.name.clone(),
-                from: target.from.short().to_owned(),
-                to: group.version.short().to_owned(),
+                },
             });
         }
+        actions
+    }
+
+    /// Ends the running reload once it is done, then starts the queued one.
+    fn settle(&mut self, mut actions: Vec<Action>) -> Vec<Action> {
+        let Some(run) = self.running.take_if(|run| run.is_done()) else {
+            return actions;
+        };
+        let (error, ready_at) = match run.phase {
+            Phase::Retiring {
+                ref error,
+                ready_at,
+            } => (error.clone(), Some(ready_at)),
+            _ => (None, None),
+        };
+        actions.extend(run.finish(error, ready_at));
+        actions.extend(self.start_queued());
+        actions
+    }
+
+    fn start_queued(&mut self) -> Option<Action> {
+        let queued = self.queued.take()?;
+        Some(Action::Start {
+            group: queued.group,
+            waiters: queued.waiters,
+            snapshot: None,
+        })
+    }
+}
+
+impl ReloadRun {
+    /// Spawns the next replacement, or moves to retiring when none is left.
+    fn advance(&mut self, table: &mut impl WorkerTable) -> Vec<Action> {
+        if self.step.is_some() {
+            return Vec::new();
+        }
+        let (next, rollback) = match &mut self.phase {
+            Phase::Forward { todo, .. } => (todo.pop_front(), false),
+            Phase::RollingBack { todo, .. } => (todo.pop_front(), true),
+            Phase::Retiring { .. } => return Vec::new(),
+        };
+        let Some((group, slot)) = next else {
+            let error = match &mut self.phase {
+                Phase::RollingBack { error, .. } => Some(std::mem::take(error)),
+                _ => None,
+            };
+            self.phase = Phase::Retiring {
+                error,
+                ready_at: Instant::now(),
+            };
+            return Vec::new();
+        };
+        let target = self.target(group);
+        let version = if rollback {
+            target.from.clone()
+        } else {
+            target.to.clone()
+        };
+        let worker = table.new_worker_id();
+        self.step = Some(Step {
+            worker,
+            group,
+            slot,
+            version: version.clone(),
+            old: table.serving(group, slot),
+            spawned: Instant::now(),
+        });
+        vec![Action::Spawn {
+            worker,
+            group,
+            slot,
+            version,
+        }]
+    }
+
+    /// The replacement of the current step serves its slot: retire the old
+    /// worker, if it still served it, and tell the callers.
+    fn replacement_ready(
+        &mut self,
+        worker: WorkerId,
+        previous: Option<WorkerId>,
+        table: &impl WorkerTable,
+    ) -> Vec<Action> {
+        let Some(step) = self.step.take_if(|s| s.worker == worker) else {
+            return Vec::new();
+        };
+        let rollback = match &mut self.phase {
+            Phase::Forward { replaced, .. } => {
+                replaced.push((step.group, step.slot));
+                false
+            }
+            _ => true,
+        };
+        // The old worker may have died meanwhile; the slot then had none.
+        let old = previous.filter(|p| Some(*p) == step.old);
+        let old_info = old.and_then(|o| table.describe(o));
+        let progress = ReloadStep {
+            group: self.target(step.group).name.clone(),
+            slot: step.slot,
+            old_pid: old_info.as_ref().map(|(pid, _)| *pid),
+            old_version: old_info.map(|(_, version)| version),
+            new_pid: table.describe(worker).map_or(0, |(pid, _)| pid),
+            new_version: step.version.short().to_owned(),
+            start_ms: step.spawned.elapsed().as_millis() as u64,
+            rollback,
+        };
+        let mut actions = Vec::new();
+        if let Some(old) = old {
+            self.retiring.insert(old);
+            actions.push(Action::Retire(old));
+        }
+        actions.push(Action::Reply {
+            to: self.waiters.clone(),
+            reply: ControlReply::Progress(progress),
+        });
+        actions
+    }
+
+    /// The current step's replacement failed: roll back, or, when already
+    /// rolling back, add this failure to the error.
+    fn step_failed(
+        &mut self,
+        group: usize,
+        slot: usize,
+        error: String,
+        table: &impl WorkerTable,
+    ) -> Vec<Action> {
+        let label = format!("{}/{}", self.target(group).name, slot);
+        match &mut self.phase {
+            Phase::Forward { replaced, .. } => {
+                tracing::warn!("reload aborted: {error}; putting back the previous version");
+                let todo = replaced.drain(..).rev().collect();
+                self.phase = Phase::RollingBack { error, todo };
+            }
+            Phase::RollingBack { error: first, .. } => {
+                first.push_str(&format!(
+                    "; putting back the previous version on {label} failed too: {error}"
+                ));
+            }
+            Phase::Retiring { .. } => {}
+        }
+        if table.serving(group, slot).is_some() {
+            return Vec::new();
+        }
+        vec![Action::Refill { group, slot }]
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Retiring { .. }) && self.retiring.is_empty()
+    }
+
+    fn target(&self, group: usize) -> &Target {
+        self.targets
+            .iter()
+            .find(|t| t.group == group)
+            .expect("a reload only touches the slots of its targets")
+    }
+
+    /// The outcome, for the master and for every caller.
+    fn finish(self, error: Option<String>, ready_at: Option<Instant>) -> Vec<Action> {
+        let ok = error.is_none();
+        let elapsed = self.started.elapsed();
+        let groups = self
+            .targets
+            .iter()
+            .map(|t| GroupChange {
+                group: t.name.clone(),
+                from: t.from.short().to_owned(),
+                to: if ok { t.to.short() } else { t.from.short() }.to_owned(),
+            })
+            .collect();
+        let versions = match ok {
+            true => self
+                .targets
+                .iter()
+                .map(|t| (t.group, t.to.clone()))
+                .collect(),
+            false => Vec::new(),
+        };
         let outcome = ReloadOutcome {
             ok,
-            error: run.failure,
+            error,
             groups,
-            notified: run.notified,
-            ready_ms: run
-                .ready_at
-                .map_or(0, |t| t.duration_since(run.started).as_millis() as u64),
-            done_ms: run.started.elapsed().as_millis() as u64,
-            killed: run.killed,
+            notified: self.notified,
+            ready_ms: ready_at.map_or(0, |t| t.duration_since(self.started).as_millis() as u64),
+            done_ms: elapsed.as_millis() as u64,
+            killed: self.killed,
         };
         match &outcome.error {
             None => tracing::info!(
@@ -447,15 +594,429 @@ impl Master {
             ),
             Some(error) => tracing::warn!(done_ms = outcome.done_ms, "reload failed: {error}"),
         }
-        for waiter in run.waiters {
-            let _ = waiter.send(ControlReply::Reloaded(outcome.clone()));
-        }
-        self.start_queued_reload();
+        vec![
+            Action::Finish {
+                ok,
+                elapsed,
+                versions,
+            },
+            Action::Reply {
+                to: self.waiters,
+                reply: ControlReply::Reloaded(outcome),
+            },
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::master::slot::tests::version;
+
+    /// The worker table as a reload sees it. The test plays the master:
+    /// a ready worker takes its slot, a dead one leaves it.
+    #[derive(Default)]
+    struct FakeTable {
+        serving: HashMap<SlotRef, WorkerId>,
+        slot_of: HashMap<WorkerId, SlotRef>,
+        next: u64,
     }
 
-    fn start_queued_reload(&mut self) {
-        if let Some(queued) = self.queued_reload.take() {
-            self.start_reload(queued.group, queued.waiters, None);
+    impl WorkerTable for FakeTable {
+        fn serving(&self, group: usize, slot: usize) -> Option<WorkerId> {
+            self.serving.get(&(group, slot)).copied()
         }
+
+        fn describe(&self, worker: WorkerId) -> Option<(u32, String)> {
+            let (group, _) = self.slot_of.get(&worker)?;
+            let version = if *group == 0 { "v?" } else { "other" };
+            Some((1000 + worker.0 as u32, version.to_owned()))
+        }
+
+        fn new_worker_id(&mut self) -> WorkerId {
+            self.next += 1;
+            WorkerId(self.next)
+        }
+    }
+
+    /// One master's reloads, driven by events; each event returns the
+    /// actions it asked for, as short lines.
+    struct Bench {
+        reloads: Reloads,
+        table: FakeTable,
+        plan: ReloadPlan,
+        /// An `Action::Start` not yet acted on.
+        start: Option<Vec<Reply>>,
+        outcome: Option<ReloadOutcome>,
+        progress: Vec<ReloadStep>,
+    }
+
+    /// Group 0, `web`, with `slots` workers w1.. serving v1, reloaded to v2.
+    fn bench(slots: usize) -> Bench {
+        let mut table = FakeTable::default();
+        for slot in 0..slots {
+            let worker = table.new_worker_id();
+            table.serving.insert((0, slot), worker);
+            table.slot_of.insert(worker, (0, slot));
+        }
+        let plan = ReloadPlan {
+            targets: vec![Target {
+                group: 0,
+                name: "web".into(),
+                slots,
+                from: version("v1"),
+                to: version("v2"),
+            }],
+            notified: Vec::new(),
+        };
+        Bench {
+            reloads: Reloads::default(),
+            table,
+            plan,
+            start: None,
+            outcome: None,
+            progress: Vec::new(),
+        }
+    }
+
+    fn w(n: u64) -> WorkerId {
+        WorkerId(n)
+    }
+
+    impl Bench {
+        /// `host reload` for `group`, started at once if nothing runs.
+        fn request(&mut self, group: Option<&str>) -> Vec<String> {
+            let (reply, _) = mpsc::unbounded_channel();
+            let actions = self
+                .reloads
+                .reload_requested(group.map(str::to_owned), reply, None);
+            let mut lines = self.render(actions);
+            if let Some(waiters) = self.start.take() {
+                lines.extend(self.begin(waiters));
+            }
+            lines
+        }
+
+        fn reload(&mut self) -> Vec<String> {
+            self.request(None)
+        }
+
+        /// The master planned the reload asked by `Action::Start`.
+        fn begin(&mut self, waiters: Vec<Reply>) -> Vec<String> {
+            let actions =
+                self.reloads
+                    .start(self.plan.clone(), waiters, Instant::now(), &mut self.table);
+            self.render(actions)
+        }
+
+        fn ready(&mut self, worker: WorkerId) -> Vec<String> {
+            let slot = self.table.slot_of[&worker];
+            let previous = self.table.serving.insert(slot, worker);
+            let actions = self
+                .reloads
+                .replacement_ready(worker, previous, &mut self.table);
+            self.render(actions)
+        }
+
+        fn fail(&mut self, worker: WorkerId) -> Vec<String> {
+            let (_, slot) = self.table.slot_of[&worker];
+            let error = format!("worker web/{slot} failed to start: boom {}", worker.0);
+            let actions = self
+                .reloads
+                .replacement_failed(worker, error, &mut self.table);
+            self.render(actions)
+        }
+
+        /// A worker's process ended (retired, refused, or crashed).
+        fn gone(&mut self, worker: WorkerId) -> Vec<String> {
+            if let Some(slot) = self.table.slot_of.remove(&worker) {
+                self.table
+                    .serving
+                    .retain(|s, w| !(*s == slot && *w == worker));
+            }
+            let actions = self.reloads.worker_gone(worker);
+            self.render(actions)
+        }
+
+        fn stop_timeout(&mut self, worker: WorkerId) {
+            let killed = KilledWorker {
+                group: "web".into(),
+                slot: self.table.slot_of[&worker].1,
+                pid: 1000 + worker.0 as u32,
+                in_flight: 1,
+                connections: 1,
+            };
+            self.reloads.stop_timeout(worker, killed);
+        }
+
+        fn stop(&mut self) -> Vec<String> {
+            let actions = self.reloads.stop_requested("host is stopping");
+            self.render(actions)
+        }
+
+        fn render(&mut self, actions: Vec<Action>) -> Vec<String> {
+            actions
+                .into_iter()
+                .map(|action| match action {
+                    Action::Start { group, waiters, .. } => {
+                        let line = format!(
+                            "start {} for {}",
+                            group.as_deref().unwrap_or("all"),
+                            waiters.len()
+                        );
+                        self.start = Some(waiters);
+                        line
+                    }
+                    Action::Notify { group } => format!("notify {group}"),
+                    Action::Spawn {
+                        worker,
+                        group,
+                        slot,
+                        version,
+                    } => {
+                        self.table.slot_of.insert(worker, (group, slot));
+                        format!("spawn w{} {group}/{slot} {}", worker.0, version.hash)
+                    }
+                    Action::Retire(worker) => format!("retire w{}", worker.0),
+                    Action::Refill { group, slot } => format!("refill {group}/{slot}"),
+                    Action::Reply { to, reply } => match reply {
+                        ControlReply::Progress(step) => {
+                            let line = format!(
+                                "progress {}/{} {}{}",
+                                step.group,
+                                step.slot,
+                                step.new_version,
+                                if step.rollback { " rollback" } else { "" }
+                            );
+                            self.progress.push(step);
+                            line
+                        }
+                        ControlReply::Reloaded(outcome) => {
+                            let ok = if outcome.ok { "ok" } else { "failed" };
+                            self.outcome = Some(outcome);
+                            format!("reloaded {ok} to {}", to.len())
+                        }
+                        ControlReply::Accepted { .. } => format!("queued to {}", to.len()),
+                        ControlReply::Error { message } => {
+                            format!("error to {}: {message}", to.len())
+                        }
+                        other => panic!("a reload does not send {other:?}"),
+                    },
+                    Action::Finish { ok, versions, .. } => {
+                        let versions: Vec<String> = versions
+                            .iter()
+                            .map(|(group, version)| format!("{group}={}", version.hash))
+                            .collect();
+                        format!("finish ok={ok} {}", versions.join(","))
+                    }
+                    Action::Refused { .. } => "refused".to_owned(),
+                })
+                .collect()
+        }
+
+        fn outcome(&self) -> &ReloadOutcome {
+            self.outcome.as_ref().expect("the reload ended")
+        }
+    }
+
+    #[test]
+    fn a_clean_reload_replaces_one_slot_at_a_time_and_ends_when_old_workers_are_gone() {
+        let mut b = bench(2);
+        assert_eq!(b.reload(), ["start all for 1", "spawn w3 0/0 v2"]);
+        assert!(b.reloads.is_running());
+        assert_eq!(
+            b.ready(w(3)),
+            ["retire w1", "progress web/0 v2", "spawn w4 0/1 v2"]
+        );
+        assert_eq!(b.ready(w(4)), ["retire w2", "progress web/1 v2"]);
+        assert_eq!(b.gone(w(1)), Vec::<String>::new());
+        assert_eq!(b.gone(w(2)), ["finish ok=true 0=v2", "reloaded ok to 1"]);
+        assert!(!b.reloads.is_running());
+        let outcome = b.outcome();
+        assert!(outcome.ok && outcome.error.is_none());
+        assert_eq!(
+            (
+                outcome.groups[0].from.as_str(),
+                outcome.groups[0].to.as_str()
+            ),
+            ("v1", "v2")
+        );
+        assert_eq!(b.progress[0].old_pid, Some(1001));
+        assert_eq!(b.progress[0].new_pid, 1003);
+    }
+
+    #[test]
+    fn a_failed_replacement_puts_back_the_slots_already_replaced_last_first() {
+        let mut b = bench(3);
+        b.reload();
+        b.ready(w(4));
+        assert_eq!(
+            b.ready(w(5)),
+            ["retire w2", "progress web/1 v2", "spawn w6 0/2 v2"]
+        );
+        assert_eq!(b.fail(w(6)), ["spawn w7 0/1 v1"]);
+        assert_eq!(
+            b.ready(w(7)),
+            ["retire w5", "progress web/1 v1 rollback", "spawn w8 0/0 v1"]
+        );
+        assert_eq!(b.ready(w(8)), ["retire w4", "progress web/0 v1 rollback"]);
+        for worker in [1, 2, 6, 5] {
+            assert_eq!(b.gone(w(worker)), Vec::<String>::new(), "w{worker}");
+        }
+        assert_eq!(b.gone(w(4)), ["finish ok=false ", "reloaded failed to 1"]);
+        let outcome = b.outcome();
+        assert_eq!(
+            outcome.error.as_deref(),
+            Some("worker web/2 failed to start: boom 6")
+        );
+        assert_eq!(outcome.groups[0].to, "v1", "the group keeps its version");
+    }
+
+    #[test]
+    fn a_failure_while_putting_back_is_added_to_the_error_and_the_rollback_goes_on() {
+        let mut b = bench(3);
+        b.reload();
+        b.ready(w(4));
+        b.ready(w(5));
+        b.fail(w(6));
+        assert_eq!(b.fail(w(7)), ["spawn w8 0/0 v1"]);
+        b.ready(w(8));
+        for worker in [1, 2, 6, 7, 4] {
+            b.gone(w(worker));
+        }
+        assert_eq!(
+            b.outcome().error.as_deref(),
+            Some(
+                "worker web/2 failed to start: boom 6; putting back the previous version \
+                 on web/1 failed too: worker web/1 failed to start: boom 7"
+            )
+        );
+    }
+
+    #[test]
+    fn a_failed_first_replacement_ends_the_reload_once_it_is_gone() {
+        let mut b = bench(2);
+        b.reload();
+        assert_eq!(b.fail(w(3)), Vec::<String>::new());
+        assert!(b.reloads.is_running(), "the refused worker is still there");
+        assert_eq!(b.gone(w(3)), ["finish ok=false ", "reloaded failed to 1"]);
+    }
+
+    #[test]
+    fn a_ready_worker_crashing_mid_reload_is_not_retired_and_the_reload_goes_on() {
+        let mut b = bench(2);
+        b.reload();
+        // Slot 1's old worker dies before its turn; the master refills it
+        // later (or the replacement does).
+        assert_eq!(b.gone(w(2)), Vec::<String>::new());
+        b.ready(w(3));
+        assert_eq!(b.ready(w(4)), ["progress web/1 v2"], "nothing to retire");
+        assert_eq!(b.progress[1].old_pid, None);
+        // The new worker of slot 0 crashes: not the reload's concern.
+        assert_eq!(b.gone(w(3)), Vec::<String>::new());
+        assert_eq!(b.gone(w(1)), ["finish ok=true 0=v2", "reloaded ok to 1"]);
+    }
+
+    #[test]
+    fn a_slot_whose_worker_died_and_whose_replacement_failed_is_refilled() {
+        let mut b = bench(1);
+        b.reload();
+        b.gone(w(1));
+        assert_eq!(b.fail(w(2)), ["refill 0/0"]);
+        assert_eq!(b.gone(w(2)), ["finish ok=false ", "reloaded failed to 1"]);
+    }
+
+    #[test]
+    fn a_stop_ends_the_running_reload_as_failed_and_refuses_the_queued_one() {
+        let mut b = bench(2);
+        b.reload();
+        b.ready(w(3));
+        assert_eq!(b.request(None), ["queued to 1"]);
+        assert_eq!(
+            b.stop(),
+            [
+                "finish ok=false ",
+                "reloaded failed to 1",
+                "error to 1: host is stopping"
+            ]
+        );
+        assert_eq!(b.outcome().error.as_deref(), Some("host is stopping"));
+        assert!(!b.reloads.is_running());
+        // What the stop's own exits then say concerns no reload.
+        assert_eq!(b.ready(w(4)), Vec::<String>::new());
+        assert_eq!(b.gone(w(1)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn reloads_asked_during_a_reload_merge_into_one_queued_behind_it() {
+        let mut b = bench(1);
+        b.request(Some("web"));
+        assert_eq!(b.request(Some("web")), ["queued to 1"]);
+        assert_eq!(b.request(Some("api")), ["queued to 1"]);
+        b.ready(w(2));
+        assert_eq!(
+            b.gone(w(1)),
+            ["finish ok=true 0=v2", "reloaded ok to 1", "start all for 2"],
+            "two groups asked: the queued reload is of all groups, for both callers"
+        );
+        let waiters = b.start.take().expect("the queued reload starts");
+        assert_eq!(b.begin(waiters), ["spawn w3 0/0 v2"]);
+        b.ready(w(3));
+        assert_eq!(b.gone(w(2)), ["finish ok=true 0=v2", "reloaded ok to 2"]);
+    }
+
+    #[test]
+    fn a_worker_killed_at_its_stop_timeout_is_reported_by_the_reload_that_retired_it() {
+        let mut b = bench(1);
+        b.reload();
+        b.ready(w(2));
+        b.stop_timeout(w(2));
+        b.stop_timeout(w(1));
+        b.gone(w(1));
+        let killed = &b.outcome().killed;
+        assert_eq!(killed.len(), 1, "the serving replacement is not reported");
+        assert_eq!((killed[0].pid, killed[0].slot), (1001, 0));
+    }
+
+    #[test]
+    fn a_group_that_is_not_reloadable_is_only_notified() {
+        let mut b = bench(1);
+        b.plan.notified.push((1, "jobs".into()));
+        assert_eq!(
+            b.reload(),
+            ["start all for 1", "notify 1", "spawn w2 0/0 v2"]
+        );
+        b.plan.targets.clear();
+        let mut alone = bench(0);
+        alone.plan = b.plan.clone();
+        assert_eq!(
+            alone.reload(),
+            [
+                "start all for 1",
+                "notify 1",
+                "finish ok=true ",
+                "reloaded ok to 1"
+            ]
+        );
+        assert_eq!(alone.outcome().notified, ["jobs"]);
+        assert!(alone.outcome().groups.is_empty());
+    }
+
+    #[test]
+    fn a_reload_that_cannot_be_planned_is_reported_as_failed() {
+        let mut b = bench(1);
+        let (reply, _) = mpsc::unbounded_channel();
+        let actions = b.reloads.reload_requested(None, reply, None);
+        let Some(Action::Start { waiters, .. }) = actions.into_iter().next() else {
+            panic!("nothing runs: the reload starts");
+        };
+        let actions = b
+            .reloads
+            .refused("no such version".into(), waiters, Instant::now());
+        assert_eq!(b.render(actions), ["refused", "reloaded failed to 1"]);
+        assert_eq!(b.outcome().error.as_deref(), Some("no such version"));
+        assert!(!b.reloads.is_running());
     }
 }

@@ -1,12 +1,15 @@
-//! The worker table and its transitions.
+//! The worker table and the event loop that drives it.
 //!
-//! A group has a fixed number of slots; each slot has at most one serving
-//! worker (`current`) and the version it should run. Workers move through
-//! `Starting → Ready → Draining → gone`. A worker that dies unexpectedly is
-//! replaced with its slot's version, after a backoff that grows while
-//! workers keep dying right after start (a crash loop never spins).
-//! Reloads live in `reload.rs`; this file calls into them when an event
-//! concerns a reload's replacement or retiring worker.
+//! A group has a fixed number of slots ([`WorkerSlot`]); each slot has at
+//! most one serving worker and the version it should run. Each worker moves
+//! through its [`Lifecycle`]; a worker that dies unexpectedly is replaced
+//! with its slot's version, after the slot's backoff. Reloads are the
+//! [`Reloads`] machine in `reload.rs`.
+//!
+//! [`Master::handle`] takes one event, asks the machines (a worker's
+//! lifecycle, its slot, the reloads) what it means, and carries out what
+//! they answer: spawning, signalling and replying happen only here.
+//! Status and metrics are rendered in `status.rs`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,77 +24,49 @@ use nix::unistd::Pid;
 use tokio::io::BufReader;
 use tokio::sync::mpsc;
 
-use super::admin::{AdminAnswer, AdminQuery};
-use super::metrics::{ExitReason, Metrics};
-use crate::versions::pins;
-use super::reload::{QueuedReload, ReloadRun};
+use super::connections::ConnectionsQuery;
+use super::lifecycle::{Lifecycle, Role, WorkerId};
+use super::metrics::Metrics;
+use super::reload::{Action, ReloadPlan, Reloads, Reply, Target, WorkerTable};
+use super::slot::{WorkerSlot, QUICK_DEATH};
 use super::spawn::spawn_worker;
-use crate::versions::store::{HandlerStore, Version};
 use super::systemd::{self, ActivatedListener};
+use super::watch::HandlerWatch;
 use super::{report_ready, Event, SignalAction};
 use crate::config::{Config, GroupConfig, RunDir};
 use crate::counters::{SharedCounters, WorkerCounters};
-use crate::protocol::control::{
-    ControlReply, ControlRequest, GroupStatus, StatusReport, WorkerState, WorkerStatus,
-};
+use crate::protocol::control::{ControlReply, ControlRequest, KilledWorker};
 use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
-
-/// Identifies a worker for the master's whole life (pids get reused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct WorkerId(pub u64);
+use crate::versions::pins;
+use crate::versions::store::{HandlerStore, Version};
 
 /// A group of identical workers on one listener.
-pub struct Group {
-    pub config: GroupConfig,
-    pub listener: std::net::TcpListener,
-    pub addr: SocketAddr,
+pub(super) struct Group {
+    pub(super) config: GroupConfig,
+    listener: std::net::TcpListener,
+    pub(super) addr: SocketAddr,
     /// The version new workers of this group run.
-    pub version: Arc<Version>,
-    pub slots: Vec<Slot>,
-}
-
-/// One position in a group.
-pub struct Slot {
-    /// The worker serving this slot.
-    pub current: Option<WorkerId>,
-    /// The version this slot runs (differs from the group's mid-reload).
-    pub version: Arc<Version>,
-    /// Consecutive quick deaths, for the restart backoff.
-    failures: u32,
-}
-
-/// Why a worker was started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// To fill its slot (at start, or after a death).
-    Fill,
-    /// To replace the slot's worker in a reload.
-    Replacement,
+    pub(super) version: Arc<Version>,
+    pub(super) slots: Vec<WorkerSlot>,
 }
 
 /// One worker process.
-pub struct Worker {
-    pub group: usize,
-    pub slot: usize,
-    pub pid: u32,
-    pub version: Arc<Version>,
-    pub state: WorkerState,
-    pub role: Role,
-    pub spawned_at: Instant,
-    pub ready_at: Option<Instant>,
-    handler_version: Option<String>,
-    /// Set once a start failure has been dealt with, so the exit that
-    /// follows is not dealt with again.
-    failed: bool,
-    /// Set when the master killed it at its stop timeout.
-    killed: bool,
+pub(super) struct Worker {
+    pub(super) group: usize,
+    pub(super) slot: usize,
+    pub(super) pid: u32,
+    pub(super) version: Arc<Version>,
+    pub(super) lifecycle: Lifecycle,
+    pub(super) spawned_at: Instant,
+    /// The version string its handler reported when ready.
+    pub(super) handler_version: Option<String>,
     to_worker: mpsc::UnboundedSender<ToWorker>,
-    pub counters: SharedCounters,
+    pub(super) counters: SharedCounters,
 }
 
 /// Where the master is in its life.
-enum Phase {
+enum Stage {
     /// Waiting for the first workers; the sender reports the outcome.
     Starting(Option<OwnedFd>),
     Running,
@@ -100,33 +75,50 @@ enum Phase {
 
 /// The supervisor state; see the module docs.
 pub struct Master {
-    pub groups: Vec<Group>,
-    pub workers: BTreeMap<WorkerId, Worker>,
-    pub store: HandlerStore,
-    pub run_dir: RunDir,
-    pub events: mpsc::UnboundedSender<Event>,
-    pub reload: Option<ReloadRun>,
-    pub queued_reload: Option<QueuedReload>,
+    pub(super) groups: Vec<Group>,
+    pub(super) workers: BTreeMap<WorkerId, Worker>,
+    store: HandlerStore,
+    run_dir: RunDir,
+    events: mpsc::UnboundedSender<Event>,
+    pub(super) reloads: Reloads,
     /// Keeps the handler-file watch alive (watch mode only).
-    _watch: Option<super::watch::HandlerWatch>,
+    _watch: Option<HandlerWatch>,
     /// Versions whose self-description is already in the store.
     described: std::collections::HashSet<String>,
     /// `host stop` callers; their connections close when the master exits.
-    stop_waiters: Vec<mpsc::UnboundedSender<ControlReply>>,
+    stop_waiters: Vec<Reply>,
     next_id: u64,
-    phase: Phase,
-    started: Instant,
-    restarts: u64,
+    stage: Stage,
+    pub(super) started: Instant,
+    pub(super) restarts: u64,
     /// `host connections` requests waiting for workers.
-    pub connection_queries: Vec<super::connections::ConnectionsQuery>,
-    pub next_query: u64,
+    pub(super) connection_queries: Vec<ConnectionsQuery>,
+    pub(super) next_query: u64,
     /// Request, worker and reload metrics.
-    pub metrics: Metrics,
+    pub(super) metrics: Metrics,
     /// Where the admin listener listens.
-    pub admin_addr: Option<SocketAddr>,
+    pub(super) admin_addr: Option<SocketAddr>,
     /// Finished reloads, by result.
-    pub reloads_ok: u64,
-    pub reloads_failed: u64,
+    pub(super) reloads_ok: u64,
+    pub(super) reloads_failed: u64,
+}
+
+/// The reload machine reads the worker table through this.
+impl WorkerTable for Master {
+    fn serving(&self, group: usize, slot: usize) -> Option<WorkerId> {
+        self.groups[group].slots[slot].serving()
+    }
+
+    fn describe(&self, worker: WorkerId) -> Option<(u32, String)> {
+        let worker = self.workers.get(&worker)?;
+        Some((worker.pid, worker.version.short().to_owned()))
+    }
+
+    fn new_worker_id(&mut self) -> WorkerId {
+        let id = WorkerId(self.next_id);
+        self.next_id += 1;
+        id
+    }
 }
 
 impl Master {
@@ -137,6 +129,7 @@ impl Master {
         run_dir: RunDir,
         mut activated: Vec<ActivatedListener>,
         events: mpsc::UnboundedSender<Event>,
+        admin_addr: Option<SocketAddr>,
     ) -> Result<Master> {
         let pins = pins::load_pins(&run_dir)?;
         let mut groups = Vec::new();
@@ -162,11 +155,7 @@ impl Master {
             let addr = listener.local_addr()?;
             let version = pins::chosen_version(&store, &pins, &group, None)?;
             let slots = (0..group.count)
-                .map(|_| Slot {
-                    current: None,
-                    version: version.clone(),
-                    failures: 0,
-                })
+                .map(|_| WorkerSlot::new(version.clone()))
                 .collect();
             groups.push(Group {
                 config: group,
@@ -183,7 +172,7 @@ impl Master {
                 .filter(|(_, g)| g.config.reloadable)
                 .map(|(i, g)| (i, g.config.handler.clone()))
                 .collect();
-            Some(super::watch::HandlerWatch::start(files, events.clone())?)
+            Some(HandlerWatch::start(files, events.clone())?)
         } else {
             None
         };
@@ -194,7 +183,7 @@ impl Master {
             metrics: Metrics::default(),
             connection_queries: Vec::new(),
             next_query: 0,
-            admin_addr: None,
+            admin_addr,
             groups,
             workers: BTreeMap::new(),
             store,
@@ -202,11 +191,10 @@ impl Master {
             _watch: watch,
             described: Default::default(),
             events,
-            reload: None,
-            queued_reload: None,
+            reloads: Reloads::default(),
             stop_waiters: Vec::new(),
             next_id: 0,
-            phase: Phase::Running,
+            stage: Stage::Running,
             started: Instant::now(),
             restarts: 0,
             reloads_ok: 0,
@@ -220,11 +208,11 @@ impl Master {
         mut events: mpsc::UnboundedReceiver<Event>,
         ready: Option<OwnedFd>,
     ) -> Result<()> {
-        self.phase = Phase::Starting(ready);
+        self.stage = Stage::Starting(ready);
         for g in 0..self.groups.len() {
             for s in 0..self.groups[g].slots.len() {
                 let version = self.groups[g].version.clone();
-                if let Err(e) = self.spawn(g, s, version, Role::Fill) {
+                if let Err(e) = self.fill(g, s, version) {
                     self.start_failed(format!("{e:#}"));
                 }
             }
@@ -234,7 +222,7 @@ impl Master {
             if let Some(error) = self.handle(event) {
                 start_error.get_or_insert(error);
             }
-            if matches!(self.phase, Phase::Stopping) && self.workers.is_empty() {
+            if self.is_stopping() && self.workers.is_empty() {
                 break;
             }
         }
@@ -264,20 +252,7 @@ impl Master {
                 self.worker_connections(id, connections)
             }
             Event::ConnectionsTimeout(query) => self.connections_timeout(query),
-            Event::StartTimeout(id) => {
-                if let Some(worker) = self.workers.get(&id) {
-                    if worker.state == WorkerState::Starting && !worker.failed {
-                        let timeout = self.groups[worker.group].config.start_timeout;
-                        return self.on_start_failure(
-                            id,
-                            format!(
-                                "did not report ready within its start_timeout ({})",
-                                humantime_secs(timeout)
-                            ),
-                        );
-                    }
-                }
-            }
+            Event::StartTimeout(id) => return self.on_start_timeout(id),
             Event::Exited(id, status) => return self.on_exit(id, status),
             Event::StopTimeout(id) => self.on_stop_timeout(id),
             Event::RestartDue { group, slot } => self.on_restart_due(group, slot),
@@ -291,19 +266,107 @@ impl Master {
         None
     }
 
+    /// Gives one input to the reload machine and carries out its answer.
+    /// The machine reads the worker table (`self`) while it decides.
+    fn ask_reloads(&mut self, input: impl FnOnce(&mut Reloads, &mut Master) -> Vec<Action>) {
+        let mut reloads = std::mem::take(&mut self.reloads);
+        let actions = input(&mut reloads, self);
+        self.reloads = reloads;
+        self.carry_out(actions);
+    }
+
+    /// Does what the reload machine asked, in order.
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Start {
+                    group,
+                    waiters,
+                    snapshot,
+                } => self.start_reload(group, waiters, snapshot),
+                Action::Notify { group } => {
+                    for worker in self.workers.values().filter(|w| w.group == group) {
+                        let _ = worker.to_worker.send(ToWorker::ReloadNotify);
+                    }
+                }
+                Action::Spawn {
+                    worker,
+                    group,
+                    slot,
+                    version,
+                } => {
+                    if let Err(e) = self.spawn(worker, group, slot, version, Role::Replacement) {
+                        let error = format!(
+                            "cannot start a worker for {}: {e:#}",
+                            self.label(group, slot)
+                        );
+                        self.ask_reloads(|reloads, table| {
+                            let mut actions = reloads.replacement_failed(worker, error, table);
+                            actions.extend(reloads.worker_gone(worker));
+                            actions
+                        });
+                    }
+                }
+                Action::Retire(worker) => self.retire(worker),
+                Action::Refill { group, slot } => {
+                    self.after(Duration::ZERO, Event::RestartDue { group, slot })
+                }
+                Action::Reply { to, reply } => {
+                    for waiter in to {
+                        let _ = waiter.send(reply.clone());
+                    }
+                }
+                Action::Finish {
+                    ok,
+                    elapsed,
+                    versions,
+                } => {
+                    self.count_reload(ok, elapsed);
+                    if !self.is_stopping() {
+                        systemd::ready("serving");
+                    }
+                    for (group, version) in versions {
+                        let group = &mut self.groups[group];
+                        if let Err(e) =
+                            pins::record(&self.run_dir, &group.config.name, &version.hash)
+                        {
+                            tracing::warn!("cannot record version history: {e:#}");
+                        }
+                        group.version = version;
+                    }
+                }
+                Action::Refused { elapsed } => self.count_reload(false, elapsed),
+            }
+        }
+    }
+
+    fn count_reload(&mut self, ok: bool, elapsed: Duration) {
+        self.metrics.reload_done(ok, elapsed.as_secs_f64());
+        if ok {
+            self.reloads_ok += 1;
+        } else {
+            self.reloads_failed += 1;
+        }
+    }
+
+    /// Starts a worker to fill a slot (at start, or after a death).
+    fn fill(&mut self, group: usize, slot: usize, version: Arc<Version>) -> Result<()> {
+        let id = self.new_worker_id();
+        self.spawn(id, group, slot, version, Role::Fill)
+    }
+
     /// Starts a worker process for a slot.
-    pub fn spawn(
+    fn spawn(
         &mut self,
+        id: WorkerId,
         group: usize,
         slot: usize,
         version: Arc<Version>,
         role: Role,
-    ) -> Result<WorkerId> {
+    ) -> Result<()> {
         let config = &self.groups[group].config;
         let label = format!("{}/{}", config.name, slot);
         let spawned = spawn_worker(&self.groups[group].listener, &label, config.pool_threads)?;
-        let id = WorkerId(self.next_id);
-        self.next_id += 1;
         let spec = WorkerSpec {
             group: config.name.clone(),
             slot,
@@ -336,18 +399,14 @@ impl Master {
                 slot,
                 pid: spawned.pid,
                 version,
-                state: WorkerState::Starting,
-                role,
+                lifecycle: Lifecycle::starting(role),
                 spawned_at: Instant::now(),
-                ready_at: None,
                 handler_version: None,
-                failed: false,
-                killed: false,
                 to_worker,
                 counters: spawned.counters,
             },
         );
-        Ok(id)
+        Ok(())
     }
 
     /// Tasks that turn a worker's exit and messages into events.
@@ -385,7 +444,7 @@ impl Master {
     }
 
     /// Sends `event` to the master after `delay`.
-    pub fn after(&self, delay: Duration, event: Event) {
+    pub(super) fn after(&self, delay: Duration, event: Event) {
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -394,21 +453,21 @@ impl Master {
     }
 
     /// The `group/slot` label of a worker, for logs and messages.
-    pub fn label(&self, group: usize, slot: usize) -> String {
+    fn label(&self, group: usize, slot: usize) -> String {
         format!("{}/{}", self.groups[group].config.name, slot)
     }
 
+    /// A worker reported ready: it takes its slot; a replacement's
+    /// predecessor is the reload's to retire.
     fn on_ready(&mut self, id: WorkerId, handler_name: String, handler_version: String) {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
-        if worker.state != WorkerState::Starting || worker.failed {
+        let Some(role) = worker.lifecycle.ready(Instant::now()) else {
             return;
-        }
-        worker.state = WorkerState::Ready;
-        worker.ready_at = Some(Instant::now());
+        };
         worker.handler_version = Some(handler_version.clone());
-        let (group, slot, role, pid) = (worker.group, worker.slot, worker.role, worker.pid);
+        let (group, slot, pid) = (worker.group, worker.slot, worker.pid);
         let version = worker.version.clone();
         if self.described.insert(version.hash.clone()) {
             let _ = self
@@ -422,38 +481,30 @@ impl Master {
             handler = %format!("{handler_name} {handler_version}"),
             "worker ready"
         );
+        let previous = self.groups[group].slots[slot].install(id, version);
         match role {
-            Role::Fill => {
-                let slot_state = &mut self.groups[group].slots[slot];
-                slot_state.current = Some(id);
-                slot_state.version = version;
-                self.check_started();
+            Role::Fill => self.check_started(),
+            Role::Replacement => {
+                self.ask_reloads(|reloads, table| reloads.replacement_ready(id, previous, table))
             }
-            Role::Replacement => self.reload_replacement_ready(id),
         }
     }
 
     /// Deals with a worker that could not start.
     fn on_start_failure(&mut self, id: WorkerId, error: String) -> Option<String> {
         let worker = self.workers.get_mut(&id)?;
-        if worker.failed {
-            return None;
-        }
-        worker.failed = true;
-        let (group, slot, role, pid) = (worker.group, worker.slot, worker.role, worker.pid);
+        let role = worker.lifecycle.start_failed()?;
+        let (group, slot, pid) = (worker.group, worker.slot, worker.pid);
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         let label = self.label(group, slot);
         tracing::error!(worker = %label, pid, "worker failed to start: {error}");
+        let error = format!("worker {label} failed to start: {error}");
         match role {
             Role::Replacement => {
-                self.reload_replacement_failed(
-                    id,
-                    format!("worker {label} failed to start: {error}"),
-                );
+                self.ask_reloads(|reloads, table| reloads.replacement_failed(id, error, table));
                 None
             }
-            Role::Fill if matches!(self.phase, Phase::Starting(_)) => {
-                let error = format!("worker {label} failed to start: {error}");
+            Role::Fill if matches!(self.stage, Stage::Starting(_)) => {
                 self.start_failed(error.clone());
                 Some(error)
             }
@@ -464,14 +515,29 @@ impl Master {
         }
     }
 
+    fn on_start_timeout(&mut self, id: WorkerId) -> Option<String> {
+        let worker = self.workers.get(&id)?;
+        if !worker.lifecycle.is_starting() {
+            return None;
+        }
+        let timeout = self.groups[worker.group].config.start_timeout;
+        self.on_start_failure(
+            id,
+            format!(
+                "did not report ready within its start_timeout ({})",
+                humantime_secs(timeout)
+            ),
+        )
+    }
+
     fn on_exit(&mut self, id: WorkerId, status: ExitStatus) -> Option<String> {
         let worker = self.workers.get(&id)?;
-        let (group, slot, state, failed) = (worker.group, worker.slot, worker.state, worker.failed);
+        let (group, slot, pid) = (worker.group, worker.slot, worker.pid);
         let label = self.label(group, slot);
         let how = describe_exit(status);
         let mut start_error = None;
-        match state {
-            WorkerState::Starting if !failed => {
+        match worker.lifecycle {
+            Lifecycle::Starting { .. } => {
                 let what = if status.code().is_some() {
                     "exited"
                 } else {
@@ -479,72 +545,69 @@ impl Master {
                 };
                 start_error = self.on_start_failure(id, format!("{what} during start ({how})"));
             }
-            WorkerState::Starting => {}
-            WorkerState::Draining => {
-                tracing::info!(worker = %label, pid = worker.pid, "worker retired ({how})")
+            Lifecycle::Failed => {}
+            Lifecycle::Draining { .. } => {
+                tracing::info!(worker = %label, pid, "worker retired ({how})")
             }
-            WorkerState::Ready => {
-                let lived = worker.ready_at.map_or(Duration::ZERO, |t| t.elapsed());
-                tracing::warn!(worker = %label, pid = worker.pid, "worker exited unexpectedly ({how})");
-                if self.groups[group].slots[slot].current == Some(id) {
-                    self.groups[group].slots[slot].current = None;
+            Lifecycle::Ready { since } => {
+                tracing::warn!(worker = %label, pid, "worker exited unexpectedly ({how})");
+                if self.groups[group].slots[slot].vacate(id) {
                     self.restarts += 1;
-                    self.schedule_restart(group, slot, lived < Duration::from_secs(5));
+                    self.schedule_restart(group, slot, since.elapsed() < QUICK_DEATH);
                 }
             }
         }
         if let Some(worker) = self.workers.remove(&id) {
-            let reason = match worker.state {
-                WorkerState::Starting => ExitReason::StartFailed,
-                WorkerState::Draining if worker.killed => ExitReason::Killed,
-                WorkerState::Draining => ExitReason::Retired,
-                WorkerState::Ready => ExitReason::Crashed,
-            };
             let group = &self.groups[worker.group].config.name;
-            self.metrics
-                .worker_ended(id, group, worker.version.short(), &worker.counters, reason);
+            self.metrics.worker_ended(
+                id,
+                group,
+                worker.version.short(),
+                &worker.counters,
+                worker.lifecycle.exit_reason(),
+            );
         }
-        self.reload_worker_gone(id);
+        self.ask_reloads(|reloads, _| reloads.worker_gone(id));
         self.connections_worker_gone(id);
         start_error
     }
 
     fn on_stop_timeout(&mut self, id: WorkerId) {
-        let Some(worker) = self.workers.get(&id) else {
+        let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
-        if worker.state != WorkerState::Draining {
+        if !worker.lifecycle.stop_timed_out() {
             return;
         }
+        let (group, slot, pid) = (worker.group, worker.slot, worker.pid);
         // As the worker last published them: a frozen worker cannot say more.
         let in_flight = WorkerCounters::get(&worker.counters.in_flight);
         let connections = WorkerCounters::get(&worker.counters.connections);
-        let group = self.groups[worker.group].config.name.clone();
         tracing::warn!(
-            worker = %self.label(worker.group, worker.slot),
-            pid = worker.pid,
+            worker = %self.label(group, slot),
+            pid,
             connections,
             in_flight,
             "worker did not finish within its stop timeout; killed with {connections} connection(s) open and {in_flight} request(s) in flight"
         );
-        let _ = kill(Pid::from_raw(worker.pid as i32), Signal::SIGKILL);
-        if let Some(worker) = self.workers.get_mut(&id) {
-            worker.killed = true;
-        }
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let group = self.groups[group].config.name.clone();
         self.metrics.worker_killed(&group, connections, in_flight);
-        self.reload_worker_killed(id, in_flight, connections);
+        let killed = KilledWorker {
+            group,
+            slot,
+            pid,
+            in_flight,
+            connections,
+        };
+        self.reloads.stop_timeout(id, killed);
     }
 
     fn schedule_restart(&mut self, group: usize, slot: usize, quick_death: bool) {
-        if matches!(self.phase, Phase::Stopping) {
+        if self.is_stopping() {
             return;
         }
-        let state = &mut self.groups[group].slots[slot];
-        state.failures = if quick_death { state.failures + 1 } else { 0 };
-        let delay = match state.failures {
-            0 => Duration::ZERO,
-            n => Duration::from_millis(100u64 << n.min(7)).min(Duration::from_secs(10)),
-        };
+        let delay = self.groups[group].slots[slot].restart_delay(quick_death);
         if !delay.is_zero() {
             tracing::info!(worker = %self.label(group, slot), "restarting in {} ms", delay.as_millis());
         }
@@ -552,58 +615,57 @@ impl Master {
     }
 
     fn on_restart_due(&mut self, group: usize, slot: usize) {
-        if matches!(self.phase, Phase::Stopping) || self.groups[group].slots[slot].current.is_some()
-        {
+        if self.is_stopping() || self.groups[group].slots[slot].serving().is_some() {
             return;
         }
         // A reload replacement already on its way will fill the slot.
-        let pending = self.workers.values().any(|w| {
-            w.group == group && w.slot == slot && w.state == WorkerState::Starting && !w.failed
-        });
+        let pending = self
+            .workers
+            .values()
+            .any(|w| w.group == group && w.slot == slot && w.lifecycle.is_starting());
         if pending {
             return;
         }
-        let version = self.groups[group].slots[slot].version.clone();
-        if let Err(e) = self.spawn(group, slot, version, Role::Fill) {
+        let version = self.groups[group].slots[slot].version().clone();
+        if let Err(e) = self.fill(group, slot, version) {
             tracing::error!(worker = %self.label(group, slot), "cannot restart worker: {e:#}");
             self.schedule_restart(group, slot, true);
         }
     }
 
     /// Whether the master is on its way out.
-    pub fn is_stopping(&self) -> bool {
-        matches!(self.phase, Phase::Stopping)
+    pub(super) fn is_stopping(&self) -> bool {
+        matches!(self.stage, Stage::Stopping)
     }
 
-    /// Tells a worker to drain, and bounds how long it may take.
-    pub fn retire(&mut self, id: WorkerId) {
+    /// Tells a serving worker to drain, and bounds how long it may take.
+    fn retire(&mut self, id: WorkerId) {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
-        if worker.state == WorkerState::Draining {
+        if !worker.lifecycle.drain() {
             return;
         }
-        worker.state = WorkerState::Draining;
         let _ = worker.to_worker.send(ToWorker::Drain);
         let stop_timeout = self.groups[worker.group].config.stop_timeout;
         self.after(stop_timeout, Event::StopTimeout(id));
     }
 
     /// Sends a message to a worker.
-    pub fn tell(&self, id: WorkerId, message: ToWorker) {
+    pub(super) fn tell(&self, id: WorkerId, message: ToWorker) {
         if let Some(worker) = self.workers.get(&id) {
             let _ = worker.to_worker.send(message);
         }
     }
 
     fn check_started(&mut self) {
-        if !matches!(self.phase, Phase::Starting(_)) {
+        if !matches!(self.stage, Stage::Starting(_)) {
             return;
         }
         let all_ready = self
             .groups
             .iter()
-            .all(|g| g.slots.iter().all(|s| s.current.is_some()));
+            .all(|g| g.slots.iter().all(|s| s.serving().is_some()));
         if !all_ready {
             return;
         }
@@ -628,13 +690,13 @@ impl Master {
                 tracing::warn!("cannot record version history: {e:#}");
             }
         }
-        if let Phase::Starting(ready) = std::mem::replace(&mut self.phase, Phase::Running) {
+        if let Stage::Starting(ready) = std::mem::replace(&mut self.stage, Stage::Running) {
             report_ready(ready, &Ok(summary));
         }
     }
 
     fn start_failed(&mut self, error: String) {
-        if let Phase::Starting(ready) = std::mem::replace(&mut self.phase, Phase::Running) {
+        if let Stage::Starting(ready) = std::mem::replace(&mut self.stage, Stage::Running) {
             report_ready(ready, &Err(error));
         }
         self.stop(true);
@@ -642,36 +704,33 @@ impl Master {
 
     /// Stops every worker; the master exits once they are gone.
     fn stop(&mut self, now: bool) {
-        if matches!(self.phase, Phase::Stopping) && !now {
+        if self.is_stopping() && !now {
             return;
         }
         tracing::info!(graceful = !now, "stopping");
         systemd::stopping();
-        self.phase = Phase::Stopping;
-        self.reload_abandon("host is stopping");
+        self.stage = Stage::Stopping;
+        self.ask_reloads(|reloads, _| reloads.stop_requested("host is stopping"));
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
-            let Some(worker) = self.workers.get(&id) else {
+            let Some(worker) = self.workers.get_mut(&id) else {
                 continue;
             };
-            match (worker.state, now) {
-                (WorkerState::Starting, _) => {
+            match (&worker.lifecycle, now) {
+                (Lifecycle::Starting { .. }, _) => {
                     let _ = kill(Pid::from_raw(worker.pid as i32), Signal::SIGKILL);
                     // Its exit is the stop, not a start failure to report.
-                    if let Some(worker) = self.workers.get_mut(&id) {
-                        worker.failed = true;
-                    }
+                    worker.lifecycle.start_failed();
                 }
+                (Lifecycle::Failed, _) => {}
                 (_, true) => {
-                    self.tell(id, ToWorker::Stop);
+                    worker.lifecycle.stop_now();
+                    let _ = worker.to_worker.send(ToWorker::Stop);
                     // A fast stop still bounds a stuck worker.
                     self.after(Duration::from_secs(2), Event::StopTimeout(id));
-                    if let Some(worker) = self.workers.get_mut(&id) {
-                        worker.state = WorkerState::Draining;
-                    }
                 }
-                (WorkerState::Ready, false) => self.retire(id),
-                (WorkerState::Draining, false) => {}
+                (Lifecycle::Ready { .. }, false) => self.retire(id),
+                (Lifecycle::Draining { .. }, false) => {}
             }
         }
     }
@@ -706,7 +765,7 @@ impl Master {
 
     /// Starts a reload nobody waits on; its outcome is only logged.
     fn reload_in_background(&mut self, group: Option<String>, snapshot: Option<Arc<Version>>) {
-        if !matches!(self.phase, Phase::Running) {
+        if !matches!(self.stage, Stage::Running) {
             return;
         }
         let (reply, mut replies) = mpsc::unbounded_channel();
@@ -718,6 +777,76 @@ impl Master {
                 }
             }
         });
+    }
+
+    /// Starts a reload, or queues it behind the running one. `snapshot`: a
+    /// handler file just snapshotted by the caller (watch mode), used for
+    /// the groups that load that file if the reload starts now.
+    fn request_reload(
+        &mut self,
+        group: Option<String>,
+        reply: Reply,
+        snapshot: Option<Arc<Version>>,
+    ) {
+        if let Some(name) = &group {
+            if !self.groups.iter().any(|g| &g.config.name == name) {
+                let _ = reply.send(ControlReply::Error {
+                    message: format!("no group named {name:?}"),
+                });
+                return;
+            }
+        }
+        self.ask_reloads(|reloads, _| reloads.reload_requested(group, reply, snapshot));
+    }
+
+    /// Plans a reload and hands it to the machine (see [`Action::Start`]).
+    fn start_reload(
+        &mut self,
+        group: Option<String>,
+        waiters: Vec<Reply>,
+        snapshot: Option<Arc<Version>>,
+    ) {
+        let started = Instant::now();
+        match self.plan_reload(group.as_deref(), snapshot) {
+            Ok(plan) => {
+                systemd::reloading();
+                self.ask_reloads(|reloads, table| reloads.start(plan, waiters, started, table));
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                self.ask_reloads(|reloads, _| reloads.refused(error, waiters, started));
+            }
+        }
+    }
+
+    /// The version each targeted group is to run (the pinned one, or a
+    /// fresh snapshot of its handler file), and the groups only notified.
+    fn plan_reload(
+        &self,
+        only: Option<&str>,
+        snapshot: Option<Arc<Version>>,
+    ) -> Result<ReloadPlan> {
+        let pins = pins::load_pins(&self.run_dir)?;
+        let mut plan = ReloadPlan::default();
+        for (index, g) in self.groups.iter().enumerate() {
+            if only.is_some_and(|name| name != g.config.name) {
+                continue;
+            }
+            if !g.config.reloadable {
+                plan.notified.push((index, g.config.name.clone()));
+                continue;
+            }
+            // A snapshot is of one file: it stands for the groups loading it.
+            let fresh = snapshot.clone().filter(|s| s.source == g.config.handler);
+            plan.targets.push(Target {
+                group: index,
+                name: g.config.name.clone(),
+                slots: g.slots.len(),
+                from: g.version.clone(),
+                to: pins::chosen_version(&self.store, &pins, &g.config, fresh)?,
+            });
+        }
+        Ok(plan)
     }
 
     fn on_handler_changed(&mut self, group: usize) {
@@ -741,7 +870,7 @@ impl Master {
                 return;
             }
         };
-        if snapshot.hash == self.groups[group].version.hash && self.reload.is_none() {
+        if snapshot.hash == self.groups[group].version.hash && !self.reloads.is_running() {
             tracing::debug!(group = %name, "handler file touched but unchanged");
             return;
         }
@@ -749,7 +878,7 @@ impl Master {
         self.reload_in_background(Some(name), Some(snapshot));
     }
 
-    fn on_control(&mut self, request: ControlRequest, reply: mpsc::UnboundedSender<ControlReply>) {
+    fn on_control(&mut self, request: ControlRequest, reply: Reply) {
         match request {
             ControlRequest::Status => {
                 let _ = reply.send(ControlReply::Status(self.status()));
@@ -767,7 +896,7 @@ impl Master {
                 self.stop(now);
             }
             ControlRequest::Reload { group } => {
-                if matches!(self.phase, Phase::Running) {
+                if matches!(self.stage, Stage::Running) {
                     self.request_reload(group, reply, None);
                 } else {
                     let _ = reply.send(ControlReply::Error {
@@ -775,109 +904,6 @@ impl Master {
                     });
                 }
             }
-        }
-    }
-
-    fn on_admin(&mut self, query: AdminQuery) -> AdminAnswer {
-        match query {
-            AdminQuery::Metrics => {
-                let groups = self.groups.iter().map(|g| g.config.name.as_str());
-                let workers = self.workers.iter().map(|(id, w)| {
-                    (
-                        *id,
-                        self.groups[w.group].config.name.as_str(),
-                        w.version.short(),
-                        &*w.counters,
-                    )
-                });
-                let text = self.metrics.render(groups, workers);
-                (
-                    200,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text,
-                )
-            }
-            AdminQuery::Health => {
-                let mut healthy = !matches!(self.phase, Phase::Stopping);
-                let mut text = String::new();
-                for group in &self.groups {
-                    let ready = self.ready_workers(group);
-                    healthy &= ready > 0;
-                    text.push_str(&format!(
-                        "{} {}/{} ready\n",
-                        group.config.name,
-                        ready,
-                        group.slots.len()
-                    ));
-                }
-                let status = if healthy { 200 } else { 503 };
-                (
-                    status,
-                    "text/plain; charset=utf-8",
-                    format!("{}\n{text}", if healthy { "ok" } else { "not ready" }),
-                )
-            }
-        }
-    }
-
-    /// Slots of `group` whose worker is ready.
-    fn ready_workers(&self, group: &Group) -> usize {
-        group
-            .slots
-            .iter()
-            .filter_map(|s| s.current)
-            .filter(|id| {
-                self.workers
-                    .get(id)
-                    .is_some_and(|w| w.state == WorkerState::Ready)
-            })
-            .count()
-    }
-
-    /// What `host status` shows.
-    pub fn status(&self) -> StatusReport {
-        let groups = self
-            .groups
-            .iter()
-            .map(|g| GroupStatus {
-                name: g.config.name.clone(),
-                listen: g.addr.to_string(),
-                count: g.slots.len(),
-                reloadable: g.config.reloadable,
-                version: g.version.short().to_owned(),
-                slot_versions: g.slots.iter().map(|s| s.version.hash.clone()).collect(),
-                handler: g.config.handler.display().to_string(),
-                ready: self.ready_workers(g),
-            })
-            .collect();
-        let workers = self
-            .workers
-            .values()
-            .map(|w| WorkerStatus {
-                group: self.groups[w.group].config.name.clone(),
-                slot: w.slot,
-                pid: w.pid,
-                state: w.state,
-                version: w.version.short().to_owned(),
-                handler_version: w.handler_version.clone(),
-                uptime_secs: w.spawned_at.elapsed().as_secs_f64(),
-                requests: WorkerCounters::get(&w.counters.requests),
-                in_flight: WorkerCounters::get(&w.counters.in_flight),
-                connections: WorkerCounters::get(&w.counters.connections),
-                rss_bytes: rss_bytes(w.pid),
-            })
-            .collect();
-        StatusReport {
-            pid: std::process::id(),
-            uptime_secs: self.started.elapsed().as_secs_f64(),
-            restarts: self.restarts,
-            reloads_ok: self.reloads_ok,
-            reloads_failed: self.reloads_failed,
-            admin: self.admin_addr.map(|a| a.to_string()),
-            reloading: self.reload.is_some(),
-            rss_bytes: rss_bytes(std::process::id()),
-            groups,
-            workers,
         }
     }
 }
@@ -937,21 +963,4 @@ pub fn describe_exit(status: ExitStatus) -> String {
 
 fn humantime_secs(duration: Duration) -> String {
     format!("{:.1} s", duration.as_secs_f64())
-}
-
-/// Resident memory of a process, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
-        return 0;
-    };
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages
-        * nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .unwrap_or(4096) as u64
 }

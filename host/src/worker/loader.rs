@@ -21,8 +21,8 @@ use abi_stable::library::{LibraryError, RootModule};
 use anyhow::{bail, Context as _};
 use handler_api::HandlerModuleRef;
 
-use crate::versions::store::hash_bytes;
 use crate::trust::Owners;
+use crate::versions::store::hash_bytes;
 
 /// Loads the handler store copy at `path` (named `<sha256>.so`); the error
 /// is a one-line explanation that names the store copy and calls the
