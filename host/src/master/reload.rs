@@ -906,16 +906,26 @@ mod tests {
 
     #[test]
     fn a_ready_worker_crashing_mid_reload_is_not_retired_and_the_reload_goes_on() {
-        let mut b = bench(2);
+        let mut b = bench(3);
         b.reload();
-        // Slot 1's old worker dies before its turn; the master refills it
-        // later (or the replacement does).
-        assert_eq!(b.gone(w(2)), Vec::<String>::new());
-        b.ready(w(3));
-        assert_eq!(b.ready(w(4)), ["progress web/1 v2"], "nothing to retire");
-        assert_eq!(b.progress[1].old_pid, None);
-        // The new worker of slot 0 crashes: not the reload's concern.
+        // Slot 2's old worker dies before its turn; slot 1's dies while its
+        // replacement starts. Neither is retired: they are gone.
         assert_eq!(b.gone(w(3)), Vec::<String>::new());
+        assert_eq!(
+            b.ready(w(4)),
+            ["retire w1", "progress web/0 v2", "spawn w5 0/1 v2"]
+        );
+        assert_eq!(b.gone(w(2)), Vec::<String>::new());
+        assert_eq!(
+            b.ready(w(5)),
+            ["progress web/1 v2", "spawn w6 0/2 v2"],
+            "nothing to retire"
+        );
+        assert_eq!(b.ready(w(6)), ["progress web/2 v2"]);
+        assert_eq!(b.progress[1].old_pid, None);
+        assert_eq!(b.progress[2].old_pid, None);
+        // A new worker crashes: not the reload's concern.
+        assert_eq!(b.gone(w(4)), Vec::<String>::new());
         assert_eq!(b.gone(w(1)), ["finish ok=true 0=v2", "reloaded ok to 1"]);
     }
 
