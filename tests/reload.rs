@@ -28,6 +28,14 @@ fn reload(host: &Host) -> Output {
     host.cli(&["reload"])
 }
 
+/// `host reload --json`: whether it exited 0, and what it printed.
+fn reload_json(host: &Host) -> (bool, serde_json::Value) {
+    let output = host.cli(&["reload", "--json"]);
+    let report = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("reload --json printed no JSON ({e}): {}", text(&output)));
+    (output.status.success(), report)
+}
+
 fn group_version(host: &Host) -> String {
     host.status()["groups"][0]["version"]
         .as_str()
@@ -310,11 +318,24 @@ fn a_failed_reload_puts_back_workers_already_replaced() {
     let load = steady_load(host.addr, 32);
     host.dir
         .install(Variant::Faulty("error-on-slot-1"), "handler.so");
-    let output = reload(&host);
-    let shown = text(&output);
-    assert!(!output.status.success(), "{shown}");
-    assert!(shown.contains("web/1 failed to start"), "{shown}");
-    assert!(shown.contains("rollback web/0"), "{shown}");
+    let (ok, report) = reload_json(&host);
+    assert!(!ok && report["ok"] == false, "{report:#}");
+    let error = report["error"].as_str().unwrap();
+    assert!(error.contains("worker web/1 failed to start"), "{report:#}");
+    let steps: Vec<(u64, bool)> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["slot"].as_u64().unwrap(),
+                s["rollback"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(steps, [(0, false), (0, true)], "{report:#}");
+    let change = &report["groups"][0];
+    assert_eq!(change["to"], change["from"], "{report:#}");
     assert_all_serve(&host, "v1");
     let report = finish(load);
     assert_eq!(report.failed(), 0, "{report:?}");
@@ -531,14 +552,19 @@ fn a_request_longer_than_the_stop_timeout_is_reported_killed() {
     });
     let old = host.worker_pids()[0];
     host.dir.install(Variant::SampleV2, "handler.so");
-    let output = reload(&host);
-    let shown = text(&output);
-    assert!(output.status.success(), "{shown}");
-    assert!(
-        shown.contains(&format!(
-            "killed web/0 pid {old} at its stop timeout with 1 connection(s) open and 1 request(s) in flight"
-        )),
-        "{shown}"
+    let (ok, report) = reload_json(&host);
+    assert!(ok && report["ok"] == true, "{report:#}");
+    let killed = report["killed"].as_array().unwrap();
+    assert_eq!(killed.len(), 1, "{report:#}");
+    assert_eq!(
+        (&killed[0]["group"], &killed[0]["slot"], &killed[0]["pid"]),
+        (&"web".into(), &0.into(), &old.into()),
+        "{report:#}"
+    );
+    assert_eq!(
+        (&killed[0]["in_flight"], &killed[0]["connections"]),
+        (&1.into(), &1.into()),
+        "{report:#}"
     );
     assert!(
         slow.join().unwrap().is_err(),

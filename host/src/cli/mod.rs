@@ -1,13 +1,15 @@
 //! The commands people type: `host start`, `stop`, `restart`, `status`,
-//! `reload` here, and the version commands (`deploy`, `versions`, `pin`,
-//! `unpin`, `rollback`, `gc`) in `versions.rs`. Commands that need the
-//! running master talk to it over its control socket and print what it
-//! answers.
+//! `connections`, `reload` here, and the version commands (`deploy`,
+//! `versions`, `pin`, `unpin`, `rollback`, `gc`) in `versions.rs`.
+//! Commands that need the running master ask it through `client.rs` and
+//! show its answers through `render.rs` (or as JSON); `daemon.rs` starts
+//! a master in the background.
 
+mod client;
+mod daemon;
+mod render;
 mod versions;
 
-use std::io::{BufRead, BufReader, Read as _, Write as _};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,9 +17,8 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, RunDir};
-use crate::protocol::control::{
-    ControlReply, ControlRequest, ReloadOutcome, ReloadStep, StatusReport,
-};
+use crate::protocol::control::StatusReport;
+use client::{ConnectError, ControlClient, ReloadNews};
 
 /// Serves HTTP from a pool of worker processes running a handler library,
 /// and replaces the library under them without dropping a request.
@@ -116,6 +117,9 @@ pub enum Command {
         /// Pin this version (label or hash prefix) first, then reload to it
         #[arg(long, value_name = "VERSION")]
         to: Option<String>,
+        /// Print the progress and outcome as JSON for scripts
+        #[arg(long)]
+        json: bool,
     },
     /// Add a handler build to the store (checking that it loads) and print
     /// its version; works with or without a running master
@@ -203,16 +207,21 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Stop { config, now } => stop(&load_to_reach(&config)?, now),
         Command::Restart { config, watch } => {
             let loaded = load(&config).context("restart refused; the running host is untouched")?;
-            match stop(&loaded, false) {
-                Ok(_) => {}
-                Err(e) if e.downcast_ref::<NotRunning>().is_some() => {}
-                Err(e) => return Err(e),
+            match client::connect(&loaded) {
+                Ok(master) => stop_master(&loaded, master, false)?,
+                Err(ConnectError::NotRunning(_)) => {}
+                Err(e) => return Err(e.into()),
             }
             start(&config, true, watch)
         }
         Command::Status { config, json } => status(&load_to_reach(&config)?, json),
         Command::Connections { config, json } => connections(&load_to_reach(&config)?, json),
-        Command::Reload { config, group, to } => {
+        Command::Reload {
+            config,
+            group,
+            to,
+            json,
+        } => {
             let config = load(&config).context("reload refused; the running host is untouched")?;
             if let Some(name) = &group {
                 versions::group(&config, Some(name)).context("reload refused")?;
@@ -220,7 +229,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
             if let Some(to) = to {
                 versions::pin(&config, &to, group.as_deref())?;
             }
-            reload(&config, group)
+            reload(client::connect(&config)?, group, json)
         }
         Command::Deploy {
             config,
@@ -246,12 +255,13 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Rollback { config, group } => {
             let config = load(&config)?;
             let group = versions::rollback(&config, group.as_deref())?;
-            match reload(&config, Some(group)) {
-                Err(e) if e.downcast_ref::<NotRunning>().is_some() => {
+            match client::connect(&config) {
+                Ok(master) => reload(master, Some(group), false),
+                Err(ConnectError::NotRunning(_)) => {
                     println!("host is not running: it will start with the rolled-back version");
                     Ok(ExitCode::SUCCESS)
                 }
-                other => other,
+                Err(e) => Err(e.into()),
             }
         }
         Command::Gc {
@@ -298,7 +308,7 @@ fn start(arg: &ConfigArg, daemon: bool, watch: bool) -> Result<ExitCode> {
         }
     }
     if daemon {
-        return start_daemon(arg, &config);
+        return daemon::start_daemon(arg, &config);
     }
     let ready = std::env::var("HOST_READY_FD")
         .ok()
@@ -309,128 +319,17 @@ fn start(arg: &ConfigArg, daemon: bool, watch: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts a master in its own session and waits for its start outcome.
-fn start_daemon(arg: &ConfigArg, config: &Config) -> Result<ExitCode> {
-    use command_fds::{CommandFdExt, FdMapping};
-    use std::os::unix::process::CommandExt;
-
-    let run_dir = RunDir::of(config);
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-        .create(&run_dir.root)
-        .with_context(|| format!("cannot create run directory {}", run_dir.root.display()))?;
-    let log_path = run_dir.log_file();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("cannot open log file {}", log_path.display()))?;
-    let (mut ready_reader, ready_writer) = std::io::pipe().context("cannot create a pipe")?;
-    let mut command = std::process::Command::new("/proc/self/exe");
-    command.arg0("host: master").arg("start");
-    if let Some(path) = &arg.config {
-        command.arg("--config").arg(std::path::absolute(path)?);
-    }
-    if config.watch {
-        command.arg("--watch");
-    }
-    command
-        .env("HOST_READY_FD", "3")
-        .env(crate::logfile::LOG_FILE_ENV, &log_path)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .fd_mappings(vec![FdMapping {
-            parent_fd: ready_writer.into(),
-            child_fd: 3,
-        }])
-        .context("fd mapping")?;
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(Into::into));
-    }
-    let child = command.spawn().context("cannot start the master")?;
-    drop(command);
-    let mut outcome = String::new();
-    ready_reader
-        .read_to_string(&mut outcome)
-        .context("cannot read the master's start outcome")?;
-    match outcome.trim_end().split_once(' ') {
-        Some(("ok", summary)) => {
-            println!("host started (pid {}): {summary}", child.id());
-            Ok(ExitCode::SUCCESS)
-        }
-        Some(("error", error)) => bail!("{error}"),
-        _ => bail!("the master exited during start; see {}", log_path.display()),
-    }
-}
-
-/// The master is not running.
-#[derive(Debug)]
-pub struct NotRunning(PathBuf);
-
-impl std::fmt::Display for NotRunning {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "host is not running (no master answers on {})",
-            self.0.display()
-        )
-    }
-}
-
-impl std::error::Error for NotRunning {}
-
-/// One request to the master; replies come from the returned iterator.
-fn ask(
-    config: &Config,
-    request: &ControlRequest,
-) -> Result<impl Iterator<Item = Result<ControlReply>>> {
-    let path = RunDir::of(config).control_socket();
-    let mut stream = match UnixStream::connect(&path) {
-        Ok(stream) => stream,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            let owner = std::fs::metadata(&path).map(|m| {
-                use std::os::unix::fs::MetadataExt as _;
-                m.uid()
-            });
-            bail!(
-                "permission denied on the control socket {}: host runs as uid {}; run this command as that user or as root",
-                path.display(),
-                owner.map_or_else(|_| "?".to_owned(), |uid| uid.to_string())
-            )
-        }
-        Err(_) => return Err(NotRunning(path.clone()).into()),
-    };
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    stream
-        .write_all(&line)
-        .context("cannot send to the master")?;
-    Ok(BufReader::new(stream).lines().map(|line| {
-        let line = line.context("lost the connection to the master")?;
-        serde_json::from_str(&line).with_context(|| format!("bad reply from the master: {line}"))
-    }))
-}
-
-/// A reply, or the master's refusal as an error.
-fn unless_error(reply: ControlReply) -> Result<ControlReply> {
-    match reply {
-        ControlReply::Error { message } => bail!("{message}"),
-        reply => Ok(reply),
-    }
-}
-
 fn stop(config: &Config, now: bool) -> Result<ExitCode> {
-    for reply in ask(config, &ControlRequest::Stop { now })? {
-        match reply? {
-            ControlReply::Accepted { message } => eprintln!("host: {message}"),
-            ControlReply::Error { message } => bail!("{message}"),
-            _ => {}
-        }
-    }
+    stop_master(config, client::connect(config)?, now)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Stops the running master of `config` and waits until it has exited.
+fn stop_master(config: &Config, master: ControlClient, now: bool) -> Result<()> {
+    master.stop(now, |message| eprintln!("host: {message}"))?;
     wait_master_gone(&RunDir::of(config))?;
     println!("host stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Waits until the master has exited, not just closed its control socket:
@@ -458,214 +357,52 @@ fn wait_master_gone(run_dir: &RunDir) -> Result<()> {
 
 /// The running master's status, or `None` when no master runs.
 pub fn try_status(config: &Config) -> Result<Option<StatusReport>> {
-    let replies = match ask(config, &ControlRequest::Status) {
-        Ok(replies) => replies,
-        Err(e) if e.downcast_ref::<NotRunning>().is_some() => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    for reply in replies {
-        if let ControlReply::Status(report) = unless_error(reply?)? {
-            return Ok(Some(report));
-        }
+    match client::connect(config) {
+        Ok(master) => Ok(Some(master.status()?)),
+        Err(ConnectError::NotRunning(_)) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    bail!("the master sent no status")
 }
 
 fn status(config: &Config, json: bool) -> Result<ExitCode> {
-    for reply in ask(config, &ControlRequest::Status)? {
-        if let ControlReply::Status(report) = unless_error(reply?)? {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print_status(&report);
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
+    let report = client::connect(config)?.status()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        render::print_status(&report);
     }
-    bail!("the master sent no status")
+    Ok(ExitCode::SUCCESS)
 }
 
 fn connections(config: &Config, json: bool) -> Result<ExitCode> {
-    for reply in ask(config, &ControlRequest::Connections)? {
-        if let ControlReply::Connections { workers } = unless_error(reply?)? {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&workers)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!(
-                "{:<12} {:>4} {:>8} {:<22} {:<8} {:>9} {:>8}",
-                "GROUP", "SLOT", "PID", "PEER", "STATE", "REQUESTS", "AGE"
-            );
-            for worker in &workers {
-                let Some(list) = &worker.connections else {
-                    println!(
-                        "{:<12} {:>4} {:>8} (busy: did not answer in time)",
-                        worker.group, worker.slot, worker.pid
-                    );
-                    continue;
-                };
-                for c in list {
-                    println!(
-                        "{:<12} {:>4} {:>8} {:<22} {:<8} {:>9} {:>8}",
-                        worker.group,
-                        worker.slot,
-                        worker.pid,
-                        c.peer,
-                        c.state,
-                        c.requests,
-                        duration(c.age_secs)
-                    );
-                }
-            }
-            let total: usize = workers
-                .iter()
-                .filter_map(|w| w.connections.as_ref())
-                .map(Vec::len)
-                .sum();
-            println!("{total} connection(s) on {} worker(s)", workers.len());
-            return Ok(ExitCode::SUCCESS);
-        }
+    let workers = client::connect(config)?.connections()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&workers)?);
+    } else {
+        render::print_connections(&workers);
     }
-    bail!("the master sent no connection list")
+    Ok(ExitCode::SUCCESS)
 }
 
-fn print_status(report: &StatusReport) {
-    println!(
-        "master pid {}  up {}  worker restarts {}  rss {}{}",
-        report.pid,
-        duration(report.uptime_secs),
-        report.restarts,
-        mib(report.rss_bytes),
-        if report.reloading {
-            "  (reload running)"
-        } else {
-            ""
-        }
-    );
-    for group in &report.groups {
-        println!(
-            "group {}  {}  {}/{} ready  version {}  {}{}",
-            group.name,
-            group.listen,
-            group.ready,
-            group.count,
-            group.version,
-            group.handler,
-            if group.reloadable {
-                ""
-            } else {
-                "  (not reloadable)"
-            }
-        );
+/// Reloads and shows it; exits 0 only if the reload worked.
+fn reload(master: ControlClient, group: Option<String>, json: bool) -> Result<ExitCode> {
+    let mut steps = Vec::new();
+    let outcome = master.reload(group, |news| match news {
+        ReloadNews::Queued(message) => eprintln!("host: {message}"),
+        ReloadNews::Step(step) if json => steps.push(step),
+        ReloadNews::Step(step) => println!("{}", render::describe_step(&step)),
+    })?;
+    if !json {
+        return Ok(render::print_outcome(&outcome));
     }
-    println!(
-        "{:<12} {:>4} {:>8} {:<9} {:<12} {:<10} {:>8} {:>10} {:>8} {:>6} {:>9}",
-        "GROUP",
-        "SLOT",
-        "PID",
-        "STATE",
-        "VERSION",
-        "HANDLER",
-        "UPTIME",
-        "REQUESTS",
-        "INFLIGHT",
-        "CONNS",
-        "RSS"
-    );
-    for w in &report.workers {
-        println!(
-            "{:<12} {:>4} {:>8} {:<9} {:<12} {:<10} {:>8} {:>10} {:>8} {:>6} {:>9}",
-            w.group,
-            w.slot,
-            w.pid,
-            format!("{:?}", w.state).to_lowercase(),
-            w.version,
-            w.handler_version.as_deref().unwrap_or("-"),
-            duration(w.uptime_secs),
-            w.requests,
-            w.in_flight,
-            w.connections,
-            mib(w.rss_bytes)
-        );
-    }
-}
-
-fn reload(config: &Config, group: Option<String>) -> Result<ExitCode> {
-    for reply in ask(config, &ControlRequest::Reload { group })? {
-        match reply? {
-            ControlReply::Accepted { message } => eprintln!("host: {message}"),
-            ControlReply::Progress(step) => println!("{}", describe_step(&step)),
-            ControlReply::Reloaded(outcome) => return Ok(print_outcome(&outcome)),
-            ControlReply::Error { message } => bail!("reload refused: {message}"),
-            ControlReply::Status(_) | ControlReply::Connections { .. } => {}
-        }
-    }
-    bail!("the master closed the connection before the reload ended")
-}
-
-fn describe_step(step: &ReloadStep) -> String {
-    let old = match (step.old_pid, &step.old_version) {
-        (Some(pid), Some(version)) => format!("pid {pid} ({version})"),
-        _ => "(empty slot)".to_owned(),
+    let code = if outcome.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     };
-    format!(
-        "{}{}/{}: {old} -> pid {} ({}) ready in {} ms",
-        if step.rollback { "rollback " } else { "" },
-        step.group,
-        step.slot,
-        step.new_pid,
-        step.new_version,
-        step.start_ms
-    )
-}
-
-fn print_outcome(outcome: &ReloadOutcome) -> ExitCode {
-    for killed in &outcome.killed {
-        println!(
-            "killed {}/{} pid {} at its stop timeout with {} connection(s) open and {} request(s) in flight",
-            killed.group, killed.slot, killed.pid, killed.connections, killed.in_flight
-        );
-    }
-    for name in &outcome.notified {
-        println!("group {name} is not reloadable: its workers were notified");
-    }
-    let changes = outcome
-        .groups
-        .iter()
-        .map(|g| format!("{} {} -> {}", g.group, g.from, g.to))
-        .collect::<Vec<_>>()
-        .join(", ");
-    match &outcome.error {
-        None => {
-            println!(
-                "reload ok: {changes}; new workers ready in {} ms, old workers gone in {} ms",
-                outcome.ready_ms, outcome.done_ms
-            );
-            ExitCode::SUCCESS
-        }
-        Some(error) => {
-            eprintln!("host: reload failed: {error}");
-            if !changes.is_empty() {
-                eprintln!("host: still serving {changes}");
-            }
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// A duration in the largest unit that keeps it short.
-pub fn duration(secs: f64) -> String {
-    let secs = secs as u64;
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
-        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
-/// Bytes as MiB.
-pub fn mib(bytes: u64) -> String {
-    format!("{:.1}M", bytes as f64 / (1024.0 * 1024.0))
+    let report = render::ReloadReport { steps, outcome };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(code)
 }
 
 #[cfg(test)]

@@ -168,7 +168,7 @@ pub fn list(config: &Config, json: bool) -> Result<ExitCode> {
             short(&row.info.hash),
             row.info.label.as_deref().unwrap_or("-"),
             added(row.info.added),
-            super::mib(row.info.size),
+            super::render::mib(row.info.size),
             row.info.handler.as_deref().unwrap_or("-"),
             if row.running.is_empty() {
                 "-".to_owned()
@@ -193,7 +193,7 @@ fn added(secs: u64) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         .saturating_sub(secs);
-    format!("{} ago", super::duration(ago as f64))
+    format!("{} ago", super::render::duration(ago as f64))
 }
 
 /// `host pin`: returns the group and the full hash pinned.
