@@ -10,6 +10,7 @@
 mod admin;
 mod connections;
 mod control;
+mod group;
 mod lifecycle;
 mod metrics;
 mod privileges;

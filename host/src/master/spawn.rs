@@ -6,16 +6,28 @@
 //! before exec, we reset the signal mask (it survives exec), leave the
 //! terminal's process group (a Ctrl-C is for the master, which then stops
 //! its workers in order), and ask for SIGTERM when the master dies.
+//!
+//! Once started, a worker is watched by small tasks that only turn its
+//! exit and its messages into [`Event`]s for the master's loop.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::process::ExitStatus;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use tokio::io::BufReader;
+use tokio::sync::mpsc;
 
+use super::lifecycle::WorkerId;
+use super::Event;
+use crate::config::GroupConfig;
 use crate::counters::SharedCounters;
-use crate::protocol::worker::POOL_THREADS_ENV;
+use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec, POOL_THREADS_ENV};
+use crate::protocol::{read_line, write_line};
+use crate::versions::store::Version;
 
 /// For profilers: a command, split on whitespace, that runs each worker
 /// (`HOST_WORKER_WRAPPER="valgrind --tool=callgrind"`, see
@@ -113,4 +125,79 @@ pub fn spawn_worker(
         channel,
         counters,
     })
+}
+
+/// What a worker of `config` in `slot` is told to load and how to serve.
+pub fn worker_spec(config: &GroupConfig, slot: usize, version: &Version) -> WorkerSpec {
+    WorkerSpec {
+        group: config.name.clone(),
+        slot,
+        handler: version.path.clone(),
+        source: version.source.clone(),
+        version: version.short().to_owned(),
+        settings: config.settings_as_text(),
+        dispatch: config.dispatch,
+        pool_threads: config.pool_threads,
+        lame_duck_ms: config.lame_duck.as_millis() as u64,
+        // The worker gives up a little after the master would kill it,
+        // so a stuck drain is reported by the master, with its counts.
+        stop_timeout_ms: (config.stop_timeout + Duration::from_millis(500)).as_millis() as u64,
+        max_body_bytes: config.max_body_bytes,
+        max_header_bytes: config.max_header_bytes,
+        header_timeout_ms: config.header_timeout.as_millis() as u64,
+        body_timeout_ms: config.body_timeout.as_millis() as u64,
+    }
+}
+
+/// Tasks that turn a worker's exit and messages into events.
+pub fn watch_worker(
+    id: WorkerId,
+    mut child: tokio::process::Child,
+    channel: tokio::net::UnixStream,
+    mut outbox: mpsc::UnboundedReceiver<ToWorker>,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    let exits = events.clone();
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        if let Ok(status) = status {
+            let _ = exits.send(Event::Exited(id, status));
+        }
+    });
+    let (reader, mut writer) = channel.into_split();
+    tokio::spawn(async move {
+        while let Some(message) = outbox.recv().await {
+            if write_line(&mut writer, &message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let events = events.clone();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(reader);
+        while let Ok(Some(message)) = read_line::<_, FromWorker>(&mut reader).await {
+            if events.send(Event::Worker(id, message)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// How a process ended, in words.
+pub fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => {
+            let name = Signal::try_from(signal)
+                .map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
+            let core = if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            };
+            format!("killed by {name}{core}")
+        }
+        _ => "unknown status".to_owned(),
+    }
 }

@@ -2,7 +2,8 @@
 //! `/healthz`, read from the worker table. Nothing here changes it.
 
 use super::admin::{AdminAnswer, AdminQuery};
-use super::supervisor::{Group, Master};
+use super::group::Group;
+use super::supervisor::Master;
 use crate::counters::WorkerCounters;
 use crate::protocol::control::{GroupStatus, StatusReport, WorkerStatus};
 

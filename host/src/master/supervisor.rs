@@ -1,6 +1,6 @@
 //! The worker table and the event loop that drives it.
 //!
-//! A group has a fixed number of slots ([`WorkerSlot`]); each slot has at
+//! Each [`Group`] has a fixed number of slots (`slot.rs`); each slot has at
 //! most one serving worker and the version it should run. Each worker moves
 //! through its [`Lifecycle`]; a worker that dies unexpectedly is replaced
 //! with its slot's version, after the slot's backoff. Reloads are the
@@ -8,8 +8,8 @@
 //!
 //! [`Master::handle`] takes one event, asks the machines (a worker's
 //! lifecycle, its slot, the reloads) what it means, and carries out what
-//! they answer: spawning, signalling and replying happen only here.
-//! Status and metrics are rendered in `status.rs`.
+//! they answer: spawning, signalling and replying happen only here, and
+//! only this file changes the table. `status.rs` renders it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,38 +18,27 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::io::BufReader;
 use tokio::sync::mpsc;
 
-use super::connections::ConnectionsQuery;
+use super::connections::{self, ConnectionQueries};
+use super::group::Group;
 use super::lifecycle::{Lifecycle, Role, WorkerId};
 use super::metrics::Metrics;
 use super::reload::{Action, ReloadPlan, Reloads, Reply, Target, WorkerTable};
-use super::slot::{WorkerSlot, QUICK_DEATH};
-use super::spawn::spawn_worker;
+use super::slot::QUICK_DEATH;
+use super::spawn::{describe_exit, spawn_worker, watch_worker, worker_spec};
 use super::systemd::{self, ActivatedListener};
 use super::watch::HandlerWatch;
 use super::{report_ready, Event, SignalAction};
-use crate::config::{Config, GroupConfig, RunDir};
+use crate::config::{Config, RunDir};
 use crate::counters::{SharedCounters, WorkerCounters};
-use crate::protocol::control::{ControlReply, ControlRequest, KilledWorker};
-use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
-use crate::protocol::{read_line, write_line};
+use crate::protocol::control::{ControlReply, ControlRequest, KilledWorker, WorkerConnections};
+use crate::protocol::worker::{FromWorker, ToWorker};
 use crate::versions::pins;
 use crate::versions::store::{HandlerStore, Version};
-
-/// A group of identical workers on one listener.
-pub(super) struct Group {
-    pub(super) config: GroupConfig,
-    listener: std::net::TcpListener,
-    pub(super) addr: SocketAddr,
-    /// The version new workers of this group run.
-    pub(super) version: Arc<Version>,
-    pub(super) slots: Vec<WorkerSlot>,
-}
 
 /// One worker process.
 pub(super) struct Worker {
@@ -92,8 +81,7 @@ pub struct Master {
     pub(super) started: Instant,
     pub(super) restarts: u64,
     /// `host connections` requests waiting for workers.
-    pub(super) connection_queries: Vec<ConnectionsQuery>,
-    pub(super) next_query: u64,
+    connection_queries: ConnectionQueries,
     /// Request, worker and reload metrics.
     pub(super) metrics: Metrics,
     /// Where the admin listener listens.
@@ -134,36 +122,8 @@ impl Master {
         let pins = pins::load_pins(&run_dir)?;
         let mut groups = Vec::new();
         for group in config.groups {
-            let adopted = activated
-                .iter()
-                .position(|a| a.name == group.name)
-                .or_else(|| {
-                    activated
-                        .iter()
-                        .position(|a| a.listener.local_addr().ok() == Some(group.listen))
-                });
-            let listener = match adopted {
-                Some(index) => {
-                    let adopted = activated.swap_remove(index);
-                    tracing::info!(group = %group.name, fd_name = %adopted.name, "using the socket-activated listener");
-                    adopted.listener
-                }
-                None => bind(group.listen).with_context(|| {
-                    format!("group {}: cannot listen on {}", group.name, group.listen)
-                })?,
-            };
-            let addr = listener.local_addr()?;
             let version = pins::chosen_version(&store, &pins, &group, None)?;
-            let slots = (0..group.count)
-                .map(|_| WorkerSlot::new(version.clone()))
-                .collect();
-            groups.push(Group {
-                config: group,
-                listener,
-                addr,
-                version,
-                slots,
-            });
+            groups.push(Group::listen(group, &mut activated, version)?);
         }
         let watch = if config.watch {
             let files = groups
@@ -181,8 +141,7 @@ impl Master {
         }
         Ok(Master {
             metrics: Metrics::default(),
-            connection_queries: Vec::new(),
-            next_query: 0,
+            connection_queries: ConnectionQueries::default(),
             admin_addr,
             groups,
             workers: BTreeMap::new(),
@@ -249,9 +208,9 @@ impl Master {
                 return self.on_start_failure(id, error)
             }
             Event::Worker(id, FromWorker::Connections { connections }) => {
-                self.worker_connections(id, connections)
+                self.connection_queries.answered(id, connections)
             }
-            Event::ConnectionsTimeout(query) => self.connections_timeout(query),
+            Event::ConnectionsTimeout(query) => self.connection_queries.timed_out(query),
             Event::StartTimeout(id) => return self.on_start_timeout(id),
             Event::Exited(id, status) => return self.on_exit(id, status),
             Event::StopTimeout(id) => self.on_stop_timeout(id),
@@ -366,28 +325,11 @@ impl Master {
     ) -> Result<()> {
         let config = &self.groups[group].config;
         let label = format!("{}/{}", config.name, slot);
-        let spawned = spawn_worker(&self.groups[group].listener, &label, config.pool_threads)?;
-        let spec = WorkerSpec {
-            group: config.name.clone(),
-            slot,
-            handler: version.path.clone(),
-            source: version.source.clone(),
-            version: version.short().to_owned(),
-            settings: config.settings_as_text(),
-            dispatch: config.dispatch,
-            pool_threads: config.pool_threads,
-            lame_duck_ms: config.lame_duck.as_millis() as u64,
-            // The worker gives up a little after the master would kill it,
-            // so a stuck drain is reported by the master, with its counts.
-            stop_timeout_ms: (config.stop_timeout + Duration::from_millis(500)).as_millis() as u64,
-            max_body_bytes: config.max_body_bytes,
-            max_header_bytes: config.max_header_bytes,
-            header_timeout_ms: config.header_timeout.as_millis() as u64,
-            body_timeout_ms: config.body_timeout.as_millis() as u64,
-        };
+        let spawned = spawn_worker(self.groups[group].listener(), &label, config.pool_threads)?;
+        let spec = worker_spec(config, slot, &version);
         let (to_worker, outbox) = mpsc::unbounded_channel();
         let _ = to_worker.send(ToWorker::Start(Box::new(spec)));
-        self.watch_worker(id, spawned.child, spawned.channel, outbox);
+        watch_worker(id, spawned.child, spawned.channel, outbox, &self.events);
         let start_timeout = config.start_timeout;
         self.after(start_timeout, Event::StartTimeout(id));
         tracing::debug!(worker = %label, pid = spawned.pid, version = version.short(), "worker spawned");
@@ -409,42 +351,8 @@ impl Master {
         Ok(())
     }
 
-    /// Tasks that turn a worker's exit and messages into events.
-    fn watch_worker(
-        &self,
-        id: WorkerId,
-        mut child: tokio::process::Child,
-        channel: tokio::net::UnixStream,
-        mut outbox: mpsc::UnboundedReceiver<ToWorker>,
-    ) {
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            if let Ok(status) = status {
-                let _ = events.send(Event::Exited(id, status));
-            }
-        });
-        let (reader, mut writer) = channel.into_split();
-        tokio::spawn(async move {
-            while let Some(message) = outbox.recv().await {
-                if write_line(&mut writer, &message).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(reader);
-            while let Ok(Some(message)) = read_line::<_, FromWorker>(&mut reader).await {
-                if events.send(Event::Worker(id, message)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-
     /// Sends `event` to the master after `delay`.
-    pub(super) fn after(&self, delay: Duration, event: Event) {
+    fn after(&self, delay: Duration, event: Event) {
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -568,7 +476,7 @@ impl Master {
             );
         }
         self.ask_reloads(|reloads, _| reloads.worker_gone(id));
-        self.connections_worker_gone(id);
+        self.connection_queries.worker_gone(id);
         start_error
     }
 
@@ -649,13 +557,6 @@ impl Master {
         let _ = worker.to_worker.send(ToWorker::Drain);
         let stop_timeout = self.groups[worker.group].config.stop_timeout;
         self.after(stop_timeout, Event::StopTimeout(id));
-    }
-
-    /// Sends a message to a worker.
-    pub(super) fn tell(&self, id: WorkerId, message: ToWorker) {
-        if let Some(worker) = self.workers.get(&id) {
-            let _ = worker.to_worker.send(message);
-        }
     }
 
     fn check_started(&mut self) {
@@ -878,6 +779,25 @@ impl Master {
         self.reload_in_background(Some(name), Some(snapshot));
     }
 
+    /// Asks every worker for its connections; the answer goes to `reply`.
+    fn query_connections(&mut self, reply: Reply) {
+        let workers = self.workers.iter().map(|(id, w)| {
+            let answer = WorkerConnections {
+                group: self.groups[w.group].config.name.clone(),
+                slot: w.slot,
+                pid: w.pid,
+                state: w.lifecycle.wire(),
+                connections: None,
+            };
+            (*id, answer)
+        });
+        let query = self.connection_queries.start(reply, workers);
+        for worker in self.workers.values() {
+            let _ = worker.to_worker.send(ToWorker::Connections);
+        }
+        self.after(connections::WAIT, Event::ConnectionsTimeout(query));
+    }
+
     fn on_control(&mut self, request: ControlRequest, reply: Reply) {
         match request {
             ControlRequest::Status => {
@@ -915,50 +835,6 @@ fn is_not_found(error: &anyhow::Error) -> bool {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
     })
-}
-
-/// Binds a listener with a deep accept queue, for all workers to share.
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr).map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::AddrInUse => format!(
-                "; another program (or another host) listens there: `ss -ltnp 'sport = :{}'` shows which, or change listen",
-                addr.port()
-            ),
-            std::io::ErrorKind::PermissionDenied => {
-                "; ports below 1024 need root (then `user = ...`) or CAP_NET_BIND_SERVICE".to_owned()
-            }
-            _ => String::new(),
-        };
-        anyhow::anyhow!("{e}{hint}")
-    })?;
-    let listener = socket.listen(1024)?.into_std()?;
-    Ok(listener)
-}
-
-/// How a process ended, in words.
-pub fn describe_exit(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(signal)) => {
-            let name = Signal::try_from(signal)
-                .map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
-            let core = if status.core_dumped() {
-                ", core dumped"
-            } else {
-                ""
-            };
-            format!("killed by {name}{core}")
-        }
-        _ => "unknown status".to_owned(),
-    }
 }
 
 fn humantime_secs(duration: Duration) -> String {
