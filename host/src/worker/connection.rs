@@ -22,15 +22,16 @@ use hyper::header::{HeaderValue, CONNECTION};
 use hyper::StatusCode;
 use smallvec::SmallVec;
 
-use super::abi::{plain, HttpResponse};
+use super::abi::{call_handler, plain, HttpResponse};
 use super::peer::PeerAddr;
-use super::server::Server;
+use super::serving::Serving;
+use crate::config::Dispatch;
 use crate::counters::Timeout;
 
 /// One connection: what its requests need, and what `host connections`
 /// shows of it (written by the connection's own task, read rarely).
 pub(super) struct Connection {
-    pub(super) server: Arc<Server>,
+    serving: Arc<Serving>,
     pub(super) peer: PeerAddr,
     pub(super) opened: Instant,
     pub(super) requests: AtomicU64,
@@ -68,10 +69,11 @@ impl Phase {
 }
 
 impl Connection {
-    /// A connection of `server` from `peer`, opened at `now` (its clock).
-    pub(super) fn new(server: Arc<Server>, peer: PeerAddr, now: u64) -> Connection {
+    /// A connection from `peer` to a worker serving with `serving`, opened
+    /// at `now` (its clock).
+    pub(super) fn new(serving: Arc<Serving>, peer: PeerAddr, now: u64) -> Connection {
         Connection {
-            server,
+            serving,
             peer,
             opened: Instant::now(),
             requests: AtomicU64::new(0),
@@ -96,11 +98,11 @@ impl Connection {
     /// Answers one request: counters, phases, `Connection: close` while
     /// draining.
     pub(super) async fn respond(self: &Arc<Self>, req: hyper::Request<Incoming>) -> HttpResponse {
-        let server = &*self.server;
-        server.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.enter(Phase::Handling, server.now());
-        let mut response = server.answer(req, self).await;
-        self.enter(Phase::WaitingHead, server.now());
+        let serving = &*self.serving;
+        serving.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.enter(Phase::Handling, serving.now());
+        let mut response = self.answer(req).await;
+        self.enter(Phase::WaitingHead, serving.now());
         // A 408 answer is the end of this connection (`Connection: close`),
         // not a reason to drop it before the answer is out. (Read first: no
         // locked write on every request.)
@@ -110,24 +112,49 @@ impl Connection {
         // Only this connection's task writes it: no read-modify-write needed.
         let requests = self.requests.load(Ordering::Relaxed);
         self.requests.store(requests + 1, Ordering::Relaxed);
-        if server.draining.load(Ordering::Relaxed) {
+        if serving.draining.load(Ordering::Relaxed) {
             response
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        server.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        server.counters.count_response(response.status().as_u16());
+        serving.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        serving.counters.count_response(response.status().as_u16());
         response
+    }
+
+    /// Reads the request body, then calls the handler where the dispatch
+    /// says.
+    async fn answer(self: &Arc<Self>, req: hyper::Request<Incoming>) -> HttpResponse {
+        let serving = &*self.serving;
+        let (parts, body) = req.into_parts();
+        let body = match self.read_body(body, serving.max_body_bytes).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal,
+        };
+        match serving.dispatch {
+            Dispatch::Inline => call_handler(serving.handler, &parts, &body, self.peer.as_str()),
+            Dispatch::Pool => {
+                let handler = serving.handler;
+                let connection = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    call_handler(handler, &parts, &body, connection.peer.as_str())
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    plain(StatusCode::INTERNAL_SERVER_ERROR, "handler call failed\n")
+                })
+            }
+        }
     }
 
     /// The whole request body, or the answer to send instead (413, 408,
     /// 400). Progress is recorded per frame for `body_timeout`.
-    pub(super) async fn read_body(
+    async fn read_body(
         &self,
         body: Incoming,
         max_body_bytes: usize,
     ) -> Result<Bytes, HttpResponse> {
-        let now = || self.server.now();
+        let now = || self.serving.now();
         if body.is_end_stream() {
             return Ok(Bytes::new());
         }
@@ -146,7 +173,7 @@ impl Connection {
             match frame {
                 None => {
                     tracing::debug!(peer = self.peer.as_str(), "body timeout; 408");
-                    self.server.counters.count_timeout(Timeout::Body);
+                    self.serving.counters.count_timeout(Timeout::Body);
                     let mut refusal = plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n");
                     refusal
                         .headers_mut()

@@ -21,6 +21,7 @@ mod connection;
 mod loader;
 mod peer;
 mod server;
+mod serving;
 
 use std::os::fd::{AsRawFd as _, FromRawFd, OwnedFd};
 use std::process::ExitCode;

@@ -23,45 +23,36 @@
 use std::convert::Infallible;
 use std::future::Future as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use handler_api::HandlerModuleRef;
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use slab::Slab;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use super::abi::{call_handler, plain, HttpResponse};
 use super::connection::{Connection, Phase};
 use super::peer::PeerAddr;
+use super::serving::Serving;
 use crate::config::Dispatch;
 use crate::counters::{SharedCounters, Timeout};
 use crate::protocol::worker::ConnectionInfo;
 
 /// What every connection of a worker shares.
 pub struct Server {
-    handler: HandlerModuleRef,
-    pub(super) counters: SharedCounters,
-    dispatch: Dispatch,
-    max_body_bytes: usize,
+    /// What its connections' requests read.
+    serving: Arc<Serving>,
     max_header_bytes: usize,
     /// `ServerOptions::header_timeout` in whole seconds of `clock`.
     header_timeout_secs: u64,
     /// `ServerOptions::body_timeout` in whole seconds of `clock`.
     body_timeout_secs: u64,
-    /// Seconds since the server started, advanced by `expire_idle`.
-    clock: AtomicU64,
-    /// Set when the drain (or stop) begins: the accept loop stops and every
-    /// response carries `Connection: close`.
-    pub(super) draining: AtomicBool,
     /// Set when the connections left must close (gracefully: in-flight
     /// requests finish); each connection's waker is then woken.
     close_idle: AtomicBool,
@@ -97,15 +88,15 @@ impl Server {
         options: ServerOptions,
     ) -> Arc<Server> {
         Arc::new(Server {
-            handler,
-            counters,
-            dispatch: options.dispatch,
-            max_body_bytes: options.max_body_bytes,
+            serving: Arc::new(Serving::new(
+                handler,
+                options.dispatch,
+                options.max_body_bytes,
+                counters,
+            )),
             max_header_bytes: options.max_header_bytes.max(8192),
             header_timeout_secs: whole_seconds(options.header_timeout),
             body_timeout_secs: whole_seconds(options.body_timeout),
-            clock: AtomicU64::new(0),
-            draining: AtomicBool::new(false),
             close_idle: AtomicBool::new(false),
             accept_waker: AtomicWaker::new(),
             all_closed: Notify::new(),
@@ -115,7 +106,7 @@ impl Server {
 
     /// The loaded handler module.
     pub fn handler(&self) -> HandlerModuleRef {
-        self.handler
+        self.serving.handler
     }
 
     /// Accepts connections until the drain begins; gives the listener back
@@ -127,7 +118,7 @@ impl Server {
             // future to build and poll per accepted connection.
             let accepted = std::future::poll_fn(|cx| {
                 self.accept_waker.register(cx.waker());
-                if self.draining.load(Ordering::SeqCst) {
+                if self.serving.draining.load(Ordering::SeqCst) {
                     return Poll::Ready(None);
                 }
                 listener.poll_accept(cx).map(Some)
@@ -142,7 +133,10 @@ impl Server {
                 Some(Err(e)) => {
                     // EMFILE and friends: back off instead of spinning, and
                     // try again as soon as the pause is over.
-                    self.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    self.serving
+                        .counters
+                        .accept_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     failures.log(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -153,11 +147,14 @@ impl Server {
     }
 
     async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
-        self.counters.connections.fetch_add(1, Ordering::SeqCst);
+        self.serving
+            .counters
+            .connections
+            .fetch_add(1, Ordering::SeqCst);
         let connection = Arc::new(Connection::new(
-            self.clone(),
+            self.serving.clone(),
             PeerAddr::new(peer),
-            self.now(),
+            self.serving.now(),
         ));
         let key = self.registry().insert(connection.clone());
         let service = {
@@ -185,7 +182,7 @@ impl Server {
                 // and hyper's graceful shutdown would wait for the head.
                 // (A stalled body is answered 408 by `read_body`.)
                 tracing::debug!(peer = connection.peer.as_str(), "header timeout; closed");
-                self.counters.count_timeout(Timeout::Header);
+                self.serving.counters.count_timeout(Timeout::Header);
                 return Poll::Ready(Ok(()));
             }
             if !closing && self.close_idle.load(Ordering::SeqCst) {
@@ -197,8 +194,13 @@ impl Server {
         .await;
         log_connection_end(result);
         self.registry().try_remove(key);
-        if self.counters.connections.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.draining.load(Ordering::SeqCst)
+        if self
+            .serving
+            .counters
+            .connections
+            .fetch_sub(1, Ordering::SeqCst)
+            == 1
+            && self.serving.draining.load(Ordering::SeqCst)
         {
             self.all_closed.notify_waiters();
         }
@@ -210,7 +212,7 @@ impl Server {
 
     /// The open connections, for `host connections`.
     pub fn connections(&self) -> Vec<ConnectionInfo> {
-        let closing = self.draining.load(Ordering::Relaxed);
+        let closing = self.serving.draining.load(Ordering::Relaxed);
         let mut list: Vec<ConnectionInfo> = self
             .registry()
             .iter()
@@ -228,37 +230,6 @@ impl Server {
             .collect();
         list.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
         list
-    }
-
-    pub(super) async fn answer(
-        &self,
-        req: hyper::Request<Incoming>,
-        connection: &Arc<Connection>,
-    ) -> HttpResponse {
-        let (parts, body) = req.into_parts();
-        let body = match connection.read_body(body, self.max_body_bytes).await {
-            Ok(body) => body,
-            Err(refusal) => return refusal,
-        };
-        match self.dispatch {
-            Dispatch::Inline => call_handler(self.handler, &parts, &body, connection.peer.as_str()),
-            Dispatch::Pool => {
-                let handler = self.handler;
-                let connection = connection.clone();
-                tokio::task::spawn_blocking(move || {
-                    call_handler(handler, &parts, &body, connection.peer.as_str())
-                })
-                .await
-                .unwrap_or_else(|_| {
-                    plain(StatusCode::INTERNAL_SERVER_ERROR, "handler call failed\n")
-                })
-            }
-        }
-    }
-
-    /// `clock`, for progress stamps.
-    pub(super) fn now(&self) -> u64 {
-        self.clock.load(Ordering::Relaxed)
     }
 
     /// Retires this worker: stop accepting, lame duck, close the rest.
@@ -285,7 +256,7 @@ impl Server {
             tokio::pin!(notified);
             // Registered before the check, so a close in between still wakes us.
             notified.as_mut().enable();
-            if self.counters.connections.load(Ordering::SeqCst) == 0 {
+            if self.serving.counters.connections.load(Ordering::SeqCst) == 0 {
                 return;
             }
             notified.await;
@@ -307,7 +278,7 @@ impl Server {
         tick.tick().await;
         loop {
             tick.tick().await;
-            let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+            let now = self.serving.tick();
             for (_, connection) in self.registry().iter() {
                 let limit = match connection.phase() {
                     Phase::WaitingHead => self.header_timeout_secs,
@@ -327,7 +298,7 @@ impl Server {
     /// loop; the listening socket stays open for the other workers.
     /// Stops accepting; safe from any thread.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.serving.draining.store(true, Ordering::SeqCst);
         self.accept_waker.wake();
     }
 
