@@ -81,6 +81,9 @@ async fn debounce(
     loop {
         let next = due.values().min().copied();
         tokio::select! {
+            // Events already waiting count before a timer that is due: a
+            // busy master must not end a burst's quiet period early.
+            biased;
             group = changed.recv() => match group {
                 Some(group) => {
                     due.insert(group, Instant::now() + QUIET);
