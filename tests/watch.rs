@@ -54,27 +54,45 @@ fn a_broken_build_keeps_the_current_version_and_the_next_good_one_reloads() {
     let host = start_watching("broken");
     let run = steady_load(host.addr, 16);
     let pids = host.worker_pids();
+    let before = host.log().lines().count();
     host.dir.install(Variant::Faulty("panic"), "handler.so");
     wait_until("the broken build is refused", || {
         host.status()["reloads_failed"] == 1
     });
     assert_eq!(host.worker_pids(), pids);
     assert_eq!(get(host.addr, "/version").body, "v1");
-    let line = host
-        .log()
+    // One line from host itself (the handler's own panic hook may log too).
+    let log = host.log();
+    let lines: Vec<&str> = log
         .lines()
-        .find(|l| l.contains("reload failed"))
-        .map(str::to_owned)
-        .expect("the failure is logged");
+        .skip(before)
+        .filter(|l| l.contains(" host::"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(
-        line.contains("on purpose"),
-        "the loader's error is in the line: {line}"
+        lines[0].contains("reload failed") && lines[0].contains("on purpose"),
+        "the loader's error is in the line: {}",
+        lines[0]
+    );
+    let current = group_version(&host);
+    assert!(
+        lines[0].contains(&format!("web still serves {current} (refused ")),
+        "{}",
+        lines[0]
     );
 
     host.dir.install(Variant::SampleV2, "handler.so");
     wait_serving(&host, "v2");
     let report = run.stop();
     assert_eq!(report.failed(), 0, "{report:?}");
+}
+
+/// The short version the group's workers run.
+fn group_version(host: &Host) -> String {
+    host.status()["groups"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 #[test]

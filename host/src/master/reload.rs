@@ -264,7 +264,7 @@ impl Reloads {
             .map(|(group, _)| Action::Notify { group: *group })
             .collect();
         for target in &plan.targets {
-            tracing::info!(
+            tracing::debug!(
                 group = %target.name,
                 from = target.from.short(),
                 to = target.to.short(),
@@ -528,7 +528,7 @@ impl ReloadRun {
         let label = format!("{}/{}", self.target(group).name, slot);
         match &mut self.phase {
             Phase::Forward { replaced, .. } => {
-                tracing::warn!("reload aborted: {error}; putting back the previous version");
+                tracing::debug!("reload aborted: {error}; putting back the previous version");
                 let todo = replaced.drain(..).rev().collect();
                 self.phase = Phase::RollingBack { error, todo };
             }
@@ -586,13 +586,28 @@ impl ReloadRun {
             done_ms: elapsed.as_millis() as u64,
             killed: self.killed,
         };
+        // One line per reload, whatever happened in between: a broken build
+        // in watch mode is this line alone.
+        let changes = |what: fn(&Target) -> String| {
+            self.targets.iter().map(what).collect::<Vec<_>>().join(", ")
+        };
         match &outcome.error {
             None => tracing::info!(
                 ready_ms = outcome.ready_ms,
                 done_ms = outcome.done_ms,
-                "reload done"
+                "reload done: {}",
+                changes(|t| format!("{} {} -> {}", t.name, t.from.short(), t.to.short()))
             ),
-            Some(error) => tracing::warn!(done_ms = outcome.done_ms, "reload failed: {error}"),
+            Some(error) => tracing::warn!(
+                done_ms = outcome.done_ms,
+                "reload failed: {error}; {}",
+                changes(|t| format!(
+                    "{} still serves {} (refused {})",
+                    t.name,
+                    t.from.short(),
+                    t.to.short()
+                ))
+            ),
         }
         vec![
             Action::Finish {

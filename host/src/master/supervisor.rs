@@ -405,7 +405,12 @@ impl Master {
         let (group, slot, pid) = (worker.group, worker.slot, worker.pid);
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         let label = self.label(group, slot);
-        tracing::error!(worker = %label, pid, "worker failed to start: {error}");
+        if role == Role::Replacement {
+            // The reload's own outcome line carries the error.
+            tracing::debug!(worker = %label, pid, "worker failed to start: {error}");
+        } else {
+            tracing::error!(worker = %label, pid, "worker failed to start: {error}");
+        }
         let error = format!("worker {label} failed to start: {error}");
         match role {
             Role::Replacement => {
@@ -775,7 +780,7 @@ impl Master {
             tracing::debug!(group = %name, "handler file touched but unchanged");
             return;
         }
-        tracing::info!(group = %name, version = snapshot.short(), "handler file changed; reloading");
+        tracing::debug!(group = %name, version = snapshot.short(), "handler file changed; reloading");
         self.reload_in_background(Some(name), Some(snapshot));
     }
 

@@ -77,7 +77,7 @@ pub fn run() -> ExitCode {
         }
     };
     match runtime.block_on(serve(listener, channel, counters)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
@@ -110,7 +110,9 @@ fn pool_threads() -> usize {
         .unwrap_or(4)
 }
 
-async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result<()> {
+/// Serves until told to stop; a failed start, already reported to the
+/// master (which logs it), is only a failure exit code here.
+async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result<ExitCode> {
     let master_watch = channel
         .try_clone()
         .context("cannot duplicate the master channel")?;
@@ -145,7 +147,8 @@ async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result
                 },
             )
             .await?;
-            bail!("{error}");
+            tracing::debug!("start failed (reported to the master): {error}");
+            return Ok(ExitCode::FAILURE);
         }
     };
     *LISTENER_OPEN.lock().unwrap_or_else(|e| e.into_inner()) = true;
@@ -173,7 +176,8 @@ async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result
     )
     .await?;
     tracing::debug!("ready");
-    run_until_told(&spec, &server, &mut reader, &mut writer).await
+    run_until_told(&spec, &server, &mut reader, &mut writer).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Loads and starts the handler, and readies the listener.
