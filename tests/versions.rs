@@ -318,3 +318,47 @@ fn gc_with_a_running_master_keeps_running_pinned_and_recent_versions() {
     cli_ok(&host.dir, &["reload"]);
     assert_all_serve(&host, "v2");
 }
+
+#[test]
+fn a_reload_collects_builds_nothing_needs_beyond_keep_versions() {
+    let dir = TestDir::new("auto-gc");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    let spare = dir.install(Variant::Faulty("none"), "spare.so");
+    let kept = dir.install(Variant::Faulty("error"), "kept.so");
+    let config = format!("keep_versions = 0\n{}", one_group_config(&handler, 1, ""));
+    let host = Host::start(dir, &config);
+    cli_ok(&host.dir, &["deploy", spare.to_str().unwrap()]);
+    cli_ok(
+        &host.dir,
+        &["deploy", kept.to_str().unwrap(), "--label", "keepme"],
+    );
+    let v1 = host.status()["groups"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(versions(&host.dir).len(), 3);
+
+    host.dir.install(Variant::SampleV2, "handler.so");
+    cli_ok(&host.dir, &["reload"]);
+    wait_serving(&host, "v2");
+    let v2 = host.status()["groups"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Left: what runs, the rollback target, the labelled build; the
+    // unlabelled spare goes.
+    wait_until("the spare build is collected", || {
+        versions(&host.dir).len() == 3
+    });
+    let left = versions(&host.dir);
+    for wanted in [&v1, &v2] {
+        assert!(
+            left.iter()
+                .any(|v| v["hash"].as_str().unwrap().starts_with(wanted.as_str())),
+            "{wanted} was collected: {left:?}"
+        );
+    }
+    version_with_label(&left, "keepme");
+    cli_ok(&host.dir, &["rollback"]);
+    wait_serving(&host, "v1");
+}

@@ -33,6 +33,11 @@ pub struct Config {
     /// Reload a group automatically when its handler file is rebuilt.
     #[serde(default)]
     pub watch: bool,
+    /// After each successful reload, store builds beyond this many most
+    /// recent ones are removed unless something needs them (pinned,
+    /// labelled, in use, a rollback target).
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: usize,
     /// The worker groups, each with its own listener and handler.
     #[serde(rename = "group")]
     pub groups: Vec<GroupConfig>,
@@ -112,6 +117,9 @@ pub struct GroupConfig {
 
 fn default_run_dir() -> PathBuf {
     PathBuf::from(".host")
+}
+fn default_keep_versions() -> usize {
+    5
 }
 fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -232,6 +240,7 @@ impl Config {
             user: None,
             admin: None,
             watch: false,
+            keep_versions: default_keep_versions(),
             groups: Vec::new(),
             builtin: false,
         }

@@ -268,35 +268,16 @@ pub fn gc(config: &Config, keep: usize, labelled: bool) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     };
-    let _lock = store.lock()?;
-    let versions = store.list()?;
-    let mut wanted: Vec<String> = pins::load_pins(&run_dir)?.into_values().collect();
+    let mut in_use = Vec::new();
     if let Some(status) = try_status(config)? {
-        wanted.extend(status.workers.iter().map(|w| w.version.clone()));
+        in_use.extend(status.workers.iter().map(|w| w.version.clone()));
         for group in &status.groups {
-            wanted.push(group.version.clone());
-            wanted.extend(group.slot_versions.iter().cloned());
+            in_use.push(group.version.clone());
+            in_use.extend(group.slot_versions.iter().cloned());
         }
     }
-    let history = pins::load_history(&run_dir)?;
-    for (group, runs) in &history {
-        if let Some(current) = runs.last() {
-            wanted.push(current.clone());
-            wanted.extend(pins::previous(&history, group, current));
-        }
-    }
-    let kept: BTreeSet<&str> = versions
-        .iter()
-        .filter(|v| {
-            wanted.iter().any(|w| v.hash.starts_with(w.as_str()))
-                || (v.label.is_some() && !labelled)
-        })
-        .chain(versions.iter().rev().take(keep))
-        .map(|v| v.hash.as_str())
-        .collect();
-    let mut removed = 0;
-    for version in versions.iter().filter(|v| !kept.contains(v.hash.as_str())) {
-        store.remove(&version.hash)?;
+    let (removed, kept) = crate::versions::gc::collect(&store, &run_dir, &in_use, keep, labelled)?;
+    for version in &removed {
         println!(
             "removed {}{}",
             short(&version.hash),
@@ -306,11 +287,7 @@ pub fn gc(config: &Config, keep: usize, labelled: bool) -> Result<ExitCode> {
                 .map(|l| format!(" ({l})"))
                 .unwrap_or_default()
         );
-        removed += 1;
     }
-    println!(
-        "{removed} version(s) removed, {} kept",
-        versions.len() - removed
-    );
+    println!("{} version(s) removed, {kept} kept", removed.len());
     Ok(ExitCode::SUCCESS)
 }

@@ -37,8 +37,8 @@ use crate::config::{Config, RunDir};
 use crate::counters::{SharedCounters, WorkerCounters};
 use crate::protocol::control::{ControlReply, ControlRequest, KilledWorker, WorkerConnections};
 use crate::protocol::worker::{FromWorker, ToWorker};
-use crate::versions::pins;
 use crate::versions::store::{HandlerStore, Version};
+use crate::versions::{gc, pins};
 
 /// One worker process.
 pub(super) struct Worker {
@@ -74,6 +74,8 @@ pub struct Master {
     _watch: Option<HandlerWatch>,
     /// Versions whose self-description is already in the store.
     described: std::collections::HashSet<String>,
+    /// How many recent builds the store keeps after a reload (`keep_versions`).
+    keep_versions: usize,
     /// `host stop` callers; their connections close when the master exits.
     stop_waiters: Vec<Reply>,
     next_id: u64,
@@ -149,6 +151,7 @@ impl Master {
             run_dir,
             _watch: watch,
             described: Default::default(),
+            keep_versions: config.keep_versions,
             events,
             reloads: Reloads::default(),
             stop_waiters: Vec::new(),
@@ -293,9 +296,38 @@ impl Master {
                         }
                         group.version = version;
                     }
+                    if ok {
+                        self.collect_store_garbage();
+                    }
                 }
                 Action::Refused { elapsed } => self.count_reload(false, elapsed),
             }
+        }
+    }
+
+    /// Drops store builds nothing needs, so a watch loop's rebuilds do not
+    /// fill the disk.
+    fn collect_store_garbage(&self) {
+        let in_use: Vec<String> = self
+            .workers
+            .values()
+            .map(|w| w.version.hash.clone())
+            .chain(self.groups.iter().flat_map(|g| {
+                std::iter::once(g.version.hash.clone())
+                    .chain(g.slots.iter().map(|s| s.version().hash.clone()))
+            }))
+            .collect();
+        // The newest build stays whatever the setting: a reload queued in watch
+        // mode may hold it as its snapshot.
+        let keep = self.keep_versions.max(1);
+        match gc::collect(&self.store, &self.run_dir, &in_use, keep, false) {
+            Ok((removed, _)) if !removed.is_empty() => tracing::info!(
+                removed = removed.len(),
+                "store: removed builds nothing needs (keep_versions = {})",
+                self.keep_versions
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("store: cannot collect old builds: {e:#}"),
         }
     }
 
