@@ -8,20 +8,6 @@ use std::process::{Command, Output};
 use serde_json::Value;
 use support::*;
 
-/// Kills whatever a test started in `dir` (daemonized masters included).
-struct Cleanup<'a>(&'a TestDir);
-
-impl Drop for Cleanup<'_> {
-    fn drop(&mut self) {
-        for pid in processes_of(self.0) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
 fn status_json(output: &Output) -> Value {
     assert!(output.status.success(), "{}", text(output));
     serde_json::from_slice(&output.stdout).unwrap()
@@ -117,7 +103,7 @@ fn a_port_in_use_says_what_to_check() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let dir = TestDir::new("port-in-use");
-    let _cleanup = Cleanup(&dir);
+    let _cleanup = KillOnDrop(&dir);
     let handler = dir.install(Variant::SampleV1, "handler.so");
     let config = one_group_config(&handler, 1, "").replace(
         "listen = \"127.0.0.1:0\"",
@@ -136,7 +122,7 @@ fn a_port_in_use_says_what_to_check() {
 #[test]
 fn a_missing_handler_is_named_once_and_a_mistyped_group_lists_the_groups() {
     let dir = TestDir::new("missing-handler");
-    let _cleanup = Cleanup(&dir);
+    let _cleanup = KillOnDrop(&dir);
     let missing = dir.path.join("nope.so");
     dir.write("host.toml", one_group_config(&missing, 1, ""));
     let output = host_command(&dir, &["start", "-d"]);
@@ -166,7 +152,7 @@ fn a_missing_handler_is_named_once_and_a_mistyped_group_lists_the_groups() {
 #[test]
 fn restart_takes_watch() {
     let dir = TestDir::new("restart-watch");
-    let _cleanup = Cleanup(&dir);
+    let _cleanup = KillOnDrop(&dir);
     let handler = dir.install(Variant::SampleV1, "handler.so");
     dir.write("host.toml", one_group_config(&handler, 1, ""));
     let output = host_command(&dir, &["start", "-d"]);

@@ -48,6 +48,7 @@ fn sha256(path: &Path) -> String {
 /// `host start -d` with `config`, expected to fail with every one of
 /// `expected` in its output and to leave nothing running.
 fn refused_start(dir: &TestDir, config: &str, expected: &[&str]) {
+    let _leftovers = KillOnDrop(dir);
     dir.write("host.toml", config);
     let output = host_command(dir, &["start", "-d"]);
     let shown = text(&output);

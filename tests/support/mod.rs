@@ -777,3 +777,19 @@ pub fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// Kills whatever a test started in a directory (daemonized masters
+/// included) when dropped, so a test that fails midway leaves nothing
+/// running.
+pub struct KillOnDrop<'a>(pub &'a TestDir);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        for pid in processes_of(self.0) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
