@@ -82,6 +82,111 @@ fn several_workers_share_the_load() {
     );
 }
 
+/// Open connections per worker, in status order.
+fn connections_per_worker(host: &Host) -> Vec<u64> {
+    host.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["connections"].as_u64().unwrap())
+        .collect()
+}
+
+/// The pid of the worker serving a keep-alive connection (`GET /pid` on it).
+fn pid_behind(stream: &mut TcpStream) -> u32 {
+    stream
+        .write_all(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap();
+            if body.len() == length {
+                return body.parse().unwrap();
+            }
+        }
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the answer: {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn keep_alive_connections_spread_evenly_over_the_workers() {
+    let host = start_sample("spread", 4, "");
+    // One at a time, each answered before the next opens: every worker is
+    // idle, so without the spread rule the first worker waiting on the
+    // listener would take them all.
+    let mut open: Vec<TcpStream> = (0..20)
+        .map(|_| idle_connection(host.addr, "/", "v1"))
+        .collect();
+    let mut counts = Vec::new();
+    wait_until("the 20 connections are counted", || {
+        counts = connections_per_worker(&host);
+        counts.iter().sum::<u64>() == 20
+    });
+    assert!(counts.iter().all(|n| (4..=6).contains(n)), "{counts:?}");
+
+    // Close every connection of the first worker: the next ones go mostly
+    // to it, until it has caught up with the others.
+    let first = host.worker_pids()[0];
+    open.retain_mut(|stream| pid_behind(stream) != first);
+    wait_until("the first worker's connections are closed", || {
+        connections_per_worker(&host)[0] == 0
+    });
+    let left = open.len() as u64;
+    for _ in 0..20 {
+        open.push(idle_connection(host.addr, "/", "v1"));
+    }
+    wait_until("the new connections are counted", || {
+        counts = connections_per_worker(&host);
+        counts.iter().sum::<u64>() == left + 20
+    });
+    // 35 over 4: 8 or 9 each, one more or less for a worker that was
+    // already waiting on the listener when the first one's connections
+    // closed.
+    assert!(counts.iter().all(|n| (7..=10).contains(n)), "{counts:?}");
+}
+
+#[test]
+fn a_worker_stuck_in_a_long_call_does_not_hold_up_new_connections() {
+    // Idle connections stay open for the whole test.
+    let host = start_sample("spread-stuck", 2, "header_timeout = \"600s\"");
+    let mut open: Vec<TcpStream> = (0..4)
+        .map(|_| idle_connection(host.addr, "/", "v1"))
+        .collect();
+    wait_until("the 4 connections are counted", || {
+        connections_per_worker(&host) == [2, 2]
+    });
+    // The first worker's go: it is then the only one at or below the
+    // average, and the slow request below goes to it.
+    let pids = host.worker_pids();
+    open.retain_mut(|stream| pid_behind(stream) != pids[0]);
+    wait_until("the first worker's connections are closed", || {
+        connections_per_worker(&host) == [0, 2]
+    });
+    let addr = host.addr;
+    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=60000"));
+    wait_until("the slow request is in flight", || {
+        host.status()["workers"][0]["in_flight"].as_u64().unwrap() > 0
+    });
+    // The first worker (1 connection, stuck) is still the one below the
+    // average of 1.5; the second must take new connections regardless.
+    let quick = get(addr, "/pid");
+    assert_eq!(quick.body, pids[1].to_string());
+    assert!(!slow.is_finished(), "answered only after the slow request");
+    drop(open);
+}
+
 #[test]
 fn a_panicking_request_gets_500_and_the_worker_keeps_serving() {
     let host = start_sample("panic", 1, "");

@@ -7,6 +7,8 @@
 //! - `worker/`: handler loader, HTTP server, drain;
 //! - `protocol/`: messages between CLI, master and workers;
 //! - `counters`: per-worker counters in shared memory;
+//! - `spread`: each worker's open connections, shared by a group's workers
+//!   so that they take turns accepting;
 //! - `trust`: which files the host may load (owners and modes).
 //!
 //! The binary is [`main`]; the library exists so the ABI benchmark can
@@ -18,6 +20,7 @@ mod counters;
 mod logfile;
 mod master;
 mod protocol;
+mod spread;
 mod trust;
 mod versions;
 mod worker;

@@ -27,6 +27,7 @@ use crate::config::GroupConfig;
 use crate::counters::SharedCounters;
 use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec, POOL_THREADS_ENV};
 use crate::protocol::{read_line, write_line};
+use crate::spread::SpreadTable;
 use crate::versions::store::Version;
 
 /// For profilers: a command, split on whitespace, that runs each worker
@@ -60,6 +61,7 @@ pub fn spawn_worker(
         .context("cannot duplicate the listener")?;
     let (ours, theirs) = UnixStream::pair().context("cannot create the worker channel")?;
     let (counters, counters_fd) = SharedCounters::create()?;
+    let spread_fd = spread_table_of(&listener)?;
     let master_pid = nix::unistd::getpid();
 
     let mut command = match std::env::var(WORKER_WRAPPER_ENV) {
@@ -99,6 +101,10 @@ pub fn spawn_worker(
                 parent_fd: counters_fd,
                 child_fd: 5,
             },
+            FdMapping {
+                parent_fd: spread_fd,
+                child_fd: 6,
+            },
         ])
         .context("worker fd mapping")?;
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -125,6 +131,25 @@ pub fn spawn_worker(
         channel,
         counters,
     })
+}
+
+/// The spread table of a listening socket (keyed by its inode: every
+/// worker of a group shares the socket, so they share the table), created
+/// at its first worker and kept for the master's life, like the socket.
+fn spread_table_of(listener: &OwnedFd) -> Result<OwnedFd> {
+    static TABLES: std::sync::Mutex<Vec<(u64, OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+    let inode = nix::sys::stat::fstat(listener)
+        .context("cannot stat the listener")?
+        .st_ino;
+    let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    let fd = match tables.iter().find(|(i, _)| *i == inode) {
+        Some((_, fd)) => fd,
+        None => {
+            tables.push((inode, SpreadTable::create()?));
+            &tables[tables.len() - 1].1
+        }
+    };
+    fd.try_clone().context("cannot duplicate the spread table")
 }
 
 /// What a worker of `config` in `slot` is told to load and how to serve.

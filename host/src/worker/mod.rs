@@ -4,7 +4,8 @@
 //! descriptors (the systemd convention puts the listener first):
 //! - fd 3: the group's listening socket, shared by every worker of the group;
 //! - fd 4: the channel to the master (JSON lines, see `protocol::worker`);
-//! - fd 5: the shared-memory counters.
+//! - fd 5: the shared-memory counters;
+//! - fd 6: the group's spread table (`crate::spread`).
 //!
 //! Start order: load handler → handler start callback → accept → report
 //! `ready`. Any failure before `ready` is reported to the master as text and
@@ -37,11 +38,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::counters::SharedCounters;
 use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
+use crate::spread::SpreadTable;
 use server::{Server, ServerOptions};
 
 const LISTENER_FD: i32 = 3;
 const CHANNEL_FD: i32 = 4;
 const COUNTERS_FD: i32 = 5;
+const SPREAD_FD: i32 = 6;
 
 /// Who this worker is, for lines the handler logs through the host.
 static IDENTITY: OnceLock<(String, usize, String)> = OnceLock::new();
@@ -58,12 +61,13 @@ pub fn run() -> ExitCode {
         return ExitCode::from(2);
     }
     // SAFETY: the master mapped these descriptors for this process only.
-    let (listener, channel, counters) = unsafe {
-        (
-            OwnedFd::from_raw_fd(LISTENER_FD),
-            OwnedFd::from_raw_fd(CHANNEL_FD),
-            OwnedFd::from_raw_fd(COUNTERS_FD),
-        )
+    let fds = unsafe {
+        Fds {
+            listener: OwnedFd::from_raw_fd(LISTENER_FD),
+            channel: OwnedFd::from_raw_fd(CHANNEL_FD),
+            counters: OwnedFd::from_raw_fd(COUNTERS_FD),
+            spread: OwnedFd::from_raw_fd(SPREAD_FD),
+        }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,7 +80,7 @@ pub fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(listener, channel, counters)) {
+    match runtime.block_on(serve(fds)) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -110,9 +114,23 @@ fn pool_threads() -> usize {
         .unwrap_or(4)
 }
 
+/// The descriptors the master hands a worker.
+struct Fds {
+    listener: OwnedFd,
+    channel: OwnedFd,
+    counters: OwnedFd,
+    spread: OwnedFd,
+}
+
 /// Serves until told to stop; a failed start, already reported to the
 /// master (which logs it), is only a failure exit code here.
-async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result<ExitCode> {
+async fn serve(fds: Fds) -> Result<ExitCode> {
+    let Fds {
+        listener,
+        channel,
+        counters,
+        spread,
+    } = fds;
     let master_watch = channel
         .try_clone()
         .context("cannot duplicate the master channel")?;
@@ -135,7 +153,7 @@ async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result
     .entered();
     let _ = IDENTITY.set((spec.group.clone(), spec.slot, spec.version.clone()));
 
-    let started = start(&spec, listener, counters);
+    let started = start(&spec, listener, counters, spread);
     let (server, listener, info) = match started {
         Ok(started) => started,
         Err(error) => {
@@ -176,7 +194,9 @@ async fn serve(listener: OwnedFd, channel: OwnedFd, counters: OwnedFd) -> Result
     )
     .await?;
     tracing::debug!("ready");
-    run_until_told(&spec, &server, &mut reader, &mut writer).await?;
+    let result = run_until_told(&spec, &server, &mut reader, &mut writer).await;
+    server.leave_spread();
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -185,12 +205,14 @@ fn start(
     spec: &WorkerSpec,
     listener: OwnedFd,
     counters: OwnedFd,
+    spread: OwnedFd,
 ) -> Result<(
     std::sync::Arc<Server>,
     tokio::net::TcpListener,
     handler_api::HandlerInfo,
 )> {
     let counters = SharedCounters::open(counters)?;
+    let spread = SpreadTable::open(spread)?;
     let shown = format!("{} (version {})", spec.source.display(), spec.version);
     let handler = loader::load(&spec.handler, &shown).map_err(anyhow::Error::msg)?;
     let info = (handler.info())();
@@ -206,6 +228,7 @@ fn start(
     let server = Server::new(
         handler,
         counters,
+        spread,
         ServerOptions {
             dispatch: spec.dispatch,
             max_body_bytes: spec.max_body_bytes,

@@ -36,6 +36,7 @@ use hyper_util::rt::TokioIo;
 use slab::Slab;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::connection::{Connection, Phase};
 use super::peer::PeerAddr;
@@ -43,6 +44,7 @@ use super::serving::Serving;
 use crate::config::Dispatch;
 use crate::counters::{SharedCounters, Timeout};
 use crate::protocol::worker::ConnectionInfo;
+use crate::spread::{SpreadTable, Turn};
 
 /// What every connection of a worker shares.
 pub struct Server {
@@ -56,14 +58,29 @@ pub struct Server {
     /// Set when the connections left must close (gracefully: in-flight
     /// requests finish); each connection's waker is then woken.
     close_idle: AtomicBool,
-    /// Woken when `draining` is set: the accept loop stops.
+    /// The accept loop's waker: woken when `draining` is set, and when a
+    /// connection closes while `above_average`.
     accept_waker: AtomicWaker,
+    /// Set while the accept loop leaves new connections to the others.
+    above_average: AtomicBool,
+    /// Every worker's open connections on this listener.
+    spread: SpreadTable,
+    /// This worker's seat in `spread`; `None` if the table was full.
+    seat: Option<usize>,
     /// Notified when `counters.connections` (the open connections, shared
     /// with the master) drops to zero while draining; nobody else waits.
     all_closed: Notify,
     /// Every open connection, for `host connections`.
     connections: Mutex<Slab<Arc<Connection>>>,
 }
+
+/// How often a worker above the average looks at the spread (and at the
+/// listener's queue) again when no close of its own woke it: others'
+/// accepts raise the average without telling it.
+const RECHECK: Duration = Duration::from_millis(10);
+/// A worker above the average takes a connection anyway when connections
+/// waited in the listener's queue at this many rechecks in a row (≈ 40 ms).
+const OVERDUE_RECHECKS: u32 = 5;
 
 /// Server limits and dispatch mode.
 pub struct ServerOptions {
@@ -85,8 +102,13 @@ impl Server {
     pub fn new(
         handler: HandlerModuleRef,
         counters: SharedCounters,
+        spread: SpreadTable,
         options: ServerOptions,
     ) -> Arc<Server> {
+        let seat = spread.claim(std::process::id());
+        if seat.is_none() {
+            tracing::warn!("the spread table is full; this worker accepts regardless of its share");
+        }
         Arc::new(Server {
             serving: Arc::new(Serving::new(
                 handler,
@@ -99,6 +121,9 @@ impl Server {
             body_timeout_secs: whole_seconds(options.body_timeout),
             close_idle: AtomicBool::new(false),
             accept_waker: AtomicWaker::new(),
+            above_average: AtomicBool::new(false),
+            spread,
+            seat,
             all_closed: Notify::new(),
             connections: Mutex::new(Slab::new()),
         })
@@ -109,10 +134,17 @@ impl Server {
         self.serving.handler
     }
 
-    /// Accepts connections until the drain begins; gives the listener back
-    /// so the caller decides how it is closed.
+    /// Accepts connections until the drain begins; while this worker holds
+    /// more than the group's average of open connections, leaves them to
+    /// the others (see `spread.rs`). Gives the listener back so the caller
+    /// decides how it is closed.
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) -> TcpListener {
         let mut failures = AcceptFailures::default();
+        let recheck = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(recheck);
+        // Rechecks in a row that found connections waiting.
+        let mut waited = 0;
+        let mut overdue = false;
         loop {
             // A flag and a waker rather than a select! on a channel: no
             // future to build and poll per accepted connection.
@@ -121,15 +153,42 @@ impl Server {
                 if self.serving.draining.load(Ordering::SeqCst) {
                     return Poll::Ready(None);
                 }
-                listener.poll_accept(cx).map(Some)
+                if self.my_turn() {
+                    (waited, overdue) = (0, false);
+                    self.above_average.store(false, Ordering::Relaxed);
+                    return listener.poll_accept(cx).map(Some);
+                }
+                // Above the average: a close of our own wakes us
+                // (`connection_closed`); others' accepts raising the
+                // average do not, hence the timer.
+                self.above_average.store(true, Ordering::Relaxed);
+                if std::mem::take(&mut overdue) {
+                    // Connections kept waiting: the workers below the
+                    // average are not taking them (all stuck in long
+                    // handler calls, say). Take one.
+                    if let Poll::Ready(accepted) = listener.poll_accept(cx) {
+                        waited = 0;
+                        return Poll::Ready(Some(accepted));
+                    }
+                }
+                if recheck.as_mut().poll(cx).is_ready() {
+                    waited = match accept_queue_len(&listener) {
+                        0 => 0,
+                        _ => waited + 1,
+                    };
+                    overdue = waited >= OVERDUE_RECHECKS;
+                    recheck.as_mut().reset(Instant::now() + RECHECK);
+                    let _ = recheck.as_mut().poll(cx);
+                    if overdue {
+                        cx.waker().wake_by_ref();
+                    }
+                }
+                Poll::Pending
             })
             .await;
             match accepted {
                 None => break,
-                Some(Ok((stream, peer))) => {
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(self.clone().serve_connection(stream, peer));
-                }
+                Some(Ok((stream, peer))) => self.start_connection(stream, peer),
                 Some(Err(e)) => {
                     // EMFILE and friends: back off instead of spinning, and
                     // try again as soon as the pause is over.
@@ -146,11 +205,35 @@ impl Server {
         listener
     }
 
-    async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    /// Counts an accepted connection (before the accept loop looks at the
+    /// spread again) and starts serving it.
+    fn start_connection(self: &Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
         self.serving
             .counters
             .connections
             .fetch_add(1, Ordering::SeqCst);
+        if let Some(seat) = self.seat {
+            self.spread.opened(seat);
+        }
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(self.clone().serve_connection(stream, peer));
+    }
+
+    /// Whether this worker holds no more than the group's average of open
+    /// connections (always, without a seat in the spread table).
+    fn my_turn(&self) -> bool {
+        self.seat
+            .is_none_or(|seat| self.spread.turn(seat) == Turn::Accept)
+    }
+
+    /// Gives this worker's seat in the spread table back (it exits).
+    pub fn leave_spread(&self) {
+        if let Some(seat) = self.seat {
+            self.spread.release(seat);
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
         let connection = Arc::new(Connection::new(
             self.serving.clone(),
             PeerAddr::new(peer),
@@ -194,6 +277,12 @@ impl Server {
         .await;
         log_connection_end(result);
         self.registry().try_remove(key);
+        if let Some(seat) = self.seat {
+            self.spread.closed(seat);
+            if self.above_average.load(Ordering::Relaxed) {
+                self.accept_waker.wake();
+            }
+        }
         if self
             .serving
             .counters
@@ -278,6 +367,7 @@ impl Server {
         tick.tick().await;
         loop {
             tick.tick().await;
+            self.spread.sweep_dead();
             let now = self.serving.tick();
             for (_, connection) in self.registry().iter() {
                 let limit = match connection.phase() {
@@ -299,6 +389,9 @@ impl Server {
     /// Stops accepting; safe from any thread.
     pub fn start_draining(&self) {
         self.serving.draining.store(true, Ordering::SeqCst);
+        if let Some(seat) = self.seat {
+            self.spread.leave(seat);
+        }
         self.accept_waker.wake();
     }
 
@@ -308,6 +401,30 @@ impl Server {
         for (_, connection) in self.registry().iter() {
             connection.waker.wake();
         }
+    }
+}
+
+/// Connections waiting in the listener's accept queue (for a listening
+/// socket, `TCP_INFO` reports its backlog as `tcpi_unacked`); 0 if unknown.
+fn accept_queue_len(listener: &TcpListener) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: zeroed tcp_info is a valid out-parameter.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd and an out-parameter of the stated size.
+    let result = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if result == 0 {
+        info.tcpi_unacked
+    } else {
+        0
     }
 }
 
