@@ -200,12 +200,7 @@ impl Config {
                 hint.map(|h| format!("; {h}")).unwrap_or_default()
             )
         })?;
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let base = std::fs::canonicalize(base)
-            .with_context(|| format!("cannot resolve directory of {}", path.display()))?;
+        let base = directory_of(path)?;
         config
             .resolve(&base)
             .with_context(|| format!("invalid config {}", path.display()))
@@ -271,12 +266,7 @@ impl Config {
                     (key.trim() == "run_dir").then(|| value.trim().trim_matches('"').to_owned())
                 }),
         };
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let base = std::fs::canonicalize(base)
-            .with_context(|| format!("cannot resolve directory of {}", path.display()))?;
+        let base = directory_of(path)?;
         Ok(base.join(named.map_or_else(default_run_dir, PathBuf::from)))
     }
 
@@ -331,6 +321,16 @@ impl Config {
         }
         Ok(self)
     }
+}
+
+/// The directory a config file's relative paths are resolved against.
+fn directory_of(path: &Path) -> Result<PathBuf> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::canonicalize(dir)
+        .with_context(|| format!("cannot resolve directory of {}", path.display()))
 }
 
 /// What to write instead, for the mistakes people make most with the line
