@@ -1,4 +1,6 @@
-//! Keep-alive HTTP/1.1 load client that counts every failure.
+//! Keep-alive HTTP/1.1 load client that counts every failure; [`echo`] is
+//! its counterpart for long-lived connections (WebSocket and text), checking
+//! every echoed message.
 //!
 //! `loadgen` exists to prove claims such as "zero failed requests during a
 //! reload" and to produce benchmark numbers. Both uses need the same property:
@@ -44,6 +46,7 @@
 //! before anything was sent on it). The task simply opens a new connection for
 //! its next request. In both cases no request was lost, so nothing is hidden.
 
+pub mod echo;
 mod histogram;
 
 use std::collections::BTreeMap;

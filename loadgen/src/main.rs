@@ -1,42 +1,90 @@
-//! `loadgen` command: runs a [`loadgen::LoadRun`] against a loopback address
-//! and prints the [`loadgen::LoadReport`] as one JSON line on stdout, plus a
-//! human summary on stderr. Exits 0 whenever the run completed, even with
+//! `loadgen` command: runs a [`loadgen::LoadRun`] (HTTP, the default) or an
+//! [`loadgen::echo::EchoRun`] (`--protocol ws` or `text`) against a loopback
+//! address and prints the report as one JSON line on stdout, plus a human
+//! summary on stderr. Exits 0 whenever the run completed, even with
 //! failures: scripts read the counts from the JSON.
+//!
+//! ```sh
+//! loadgen --addr 127.0.0.1:8080 --connections 64 --duration 10
+//! loadgen --protocol ws --addr 127.0.0.1:8282 --connections 64 --window 16
+//! loadgen --protocol text --addr 127.0.0.1:8283 --connections 1000 --rate 20 \
+//!     --source 127.0.0.2 --source 127.0.0.3
+//! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use loadgen::echo::{EchoConfig, EchoReport, EchoRun, Pace};
 use loadgen::{LoadConfig, LoadReport, LoadRun};
 
-/// Keep-alive HTTP/1.1 load client that counts every failure by kind and
-/// never retries.
+/// Load client that counts every failure by kind and never retries:
+/// keep-alive HTTP/1.1 requests, or WebSocket / text echo checking every
+/// message.
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", version)]
 struct Args {
+    /// What to speak.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Http)]
+    protocol: ProtocolArg,
     /// Server address; must be a loopback address (127.0.0.0/8 or ::1).
     #[arg(long)]
     addr: SocketAddr,
-    /// Concurrent connections, each sending requests back to back.
+    /// Concurrent connections (HTTP: each sending requests back to back;
+    /// ws/text: one client each).
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Run time in seconds (float); no request starts after it.
+    /// Run time in seconds (float); no request or message starts after it.
     #[arg(long, default_value_t = 10.0, value_parser = parse_secs)]
     duration: f64,
-    /// Request path (GET).
+    /// Request path (HTTP: GET; ws: the upgrade request's path).
     #[arg(long, default_value = "/")]
     path: String,
-    /// Optional cap on the total number of requests across connections.
+    /// HTTP: optional cap on the total number of requests across connections.
     #[arg(long)]
     requests: Option<u64>,
-    /// Send `Connection: close` and open a new connection per request.
+    /// HTTP: send `Connection: close` and open a new connection per request.
     #[arg(long)]
     close: bool,
-    /// Per-request timeout in seconds (float): connect + send + full response.
+    /// Timeout in seconds (float). HTTP: per request, connect + send + full
+    /// response. ws/text: per connect, and for the echoes still outstanding
+    /// once sending ended.
     #[arg(long, default_value_t = 10.0, value_parser = parse_secs)]
     timeout: f64,
+    /// ws/text: keep this many messages unanswered per client [default: 16
+    /// unless --rate].
+    #[arg(long, conflicts_with = "rate")]
+    window: Option<usize>,
+    /// ws/text: send this many messages per second per client instead.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// ws/text: optional cap on the messages each client sends.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// ws/text: pad each message to this many bytes.
+    #[arg(long, default_value_t = 32)]
+    payload: usize,
+    /// ws/text: connect from this local address (repeat to spread clients
+    /// over several, e.g. 127.0.0.2 127.0.0.3, when ephemeral ports run short).
+    #[arg(long = "source")]
+    sources: Vec<IpAddr>,
+    /// ws/text: client 0 sends a broadcast (`b...`) every this many seconds
+    /// (float), once every client is connected.
+    #[arg(long, value_parser = parse_secs)]
+    broadcast_every: Option<f64>,
+}
+
+/// `--protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProtocolArg {
+    /// Keep-alive HTTP/1.1 GET requests.
+    Http,
+    /// WebSocket echo.
+    Ws,
+    /// Newline-delimited text echo over TCP.
+    Text,
 }
 
 /// Parses a positive, finite number of seconds.
@@ -69,6 +117,50 @@ fn run(args: Args) -> anyhow::Result<()> {
             args.addr
         );
     }
+    let protocol = match args.protocol {
+        ProtocolArg::Http => {
+            let echo_only = args.window.is_some()
+                || args.rate.is_some()
+                || args.messages.is_some()
+                || !args.sources.is_empty()
+                || args.broadcast_every.is_some();
+            if echo_only {
+                bail!("--window, --rate, --messages, --source and --broadcast-every are for --protocol ws or text");
+            }
+            return run_http(args);
+        }
+        ProtocolArg::Ws => loadgen::echo::Protocol::WebSocket,
+        ProtocolArg::Text => loadgen::echo::Protocol::Text,
+    };
+    if args.requests.is_some() || args.close {
+        bail!("--requests and --close are for --protocol http");
+    }
+    let mut config = EchoConfig::new(args.addr, protocol);
+    config.clients = args.connections;
+    config.path = args.path;
+    config.duration = Duration::from_secs_f64(args.duration);
+    config.pace = match (args.rate, args.window) {
+        (Some(rate), _) => Pace::Rate(rate),
+        (None, window) => Pace::Window(window.unwrap_or(16)),
+    };
+    config.messages_per_client = args.messages;
+    config.payload = args.payload;
+    config.sources = args.sources;
+    config.broadcast_every = args.broadcast_every.map(Duration::from_secs_f64);
+    config.drain_timeout = Duration::from_secs_f64(args.timeout);
+    config.validate().context("invalid arguments")?;
+
+    let report = EchoRun::start(config).wait();
+    println!(
+        "{}",
+        serde_json::to_string(&report).context("serializing the report")?
+    );
+    eprintln!("{}", echo_summary(&report));
+    Ok(())
+}
+
+/// Runs the HTTP load and prints its report.
+fn run_http(args: Args) -> anyhow::Result<()> {
     let mut config = LoadConfig::new(args.addr);
     config.connections = args.connections;
     config.path = args.path;
@@ -110,4 +202,41 @@ fn summary(report: &LoadReport) -> String {
         report.latency_p50_us,
         report.latency_p99_us,
     )
+}
+
+/// One human-readable line describing an echo run.
+fn echo_summary(report: &EchoReport) -> String {
+    let disconnects: Vec<String> = report
+        .disconnects
+        .iter()
+        .map(|(kind, n)| format!("{kind}={n}"))
+        .collect();
+    let mut line = format!(
+        "loadgen: sent={} received={} lost={} reordered={} duplicated={} unexpected={} disconnects={}{} connect_failures={} elapsed={:.2}s msgs/s={:.0} p50={}us p99={}us longest_gap={}us cpu={:.0}%",
+        report.sent,
+        report.received,
+        report.lost,
+        report.reordered,
+        report.duplicated,
+        report.unexpected,
+        report.disconnected(),
+        if disconnects.is_empty() { String::new() } else { format!(" ({})", disconnects.join(" ")) },
+        report.connect_failures,
+        report.elapsed_secs,
+        report.messages_per_sec,
+        report.latency_p50_us,
+        report.latency_p99_us,
+        report.longest_gap_us,
+        report.cpu_percent,
+    );
+    if report.broadcasts_sent > 0 {
+        line += &format!(
+            " broadcasts={} received={} fanout_p50={}us fanout_p99={}us",
+            report.broadcasts_sent,
+            report.broadcasts_received,
+            report.fanout_p50_us,
+            report.fanout_p99_us
+        );
+    }
+    line
 }
