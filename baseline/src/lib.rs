@@ -6,8 +6,10 @@
 //! What `host` adds on top of this — the handler ABI call, request/response
 //! translation, counters, drain bookkeeping — is exactly what the
 //! benchmarks compare. [`route`] is shared by the server and by the
-//! `abi_call` microbenchmark.
+//! `abi_call` microbenchmark. [`echo`] is the same yardstick for long-lived
+//! connections: WebSocket and text echo without a gateway hop.
 
+pub mod echo;
 pub mod server;
 
 use std::sync::LazyLock;

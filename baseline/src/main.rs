@@ -4,6 +4,10 @@
 //! ```sh
 //! baseline-server --listen 127.0.0.1:0 --workers 2
 //! # listening on 127.0.0.1:NNNNN      (once every worker serves)
+//! baseline-server --listen 127.0.0.1:0 --websocket 127.0.0.1:0 --text 127.0.0.1:0
+//! # listening on 127.0.0.1:NNNNN
+//! # websocket on 127.0.0.1:NNNNN
+//! # text on 127.0.0.1:NNNNN
 //! ```
 //!
 //! SIGTERM or SIGINT stops the parent and its workers; workers also die
@@ -22,6 +26,12 @@ struct Cli {
     /// Address to listen on; port 0 picks a free port (printed on stdout)
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Also serve the WebSocket echo on this address (any path)
+    #[arg(long)]
+    websocket: Option<SocketAddr>,
+    /// Also serve the newline-delimited text echo on this address
+    #[arg(long)]
+    text: Option<SocketAddr>,
     /// Worker processes [default: one per core]
     #[arg(long)]
     workers: Option<usize>,
@@ -44,7 +54,12 @@ fn main() -> ExitCode {
             let workers = cli
                 .workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            baseline::server::run_parent(cli.listen, workers)
+            let listen = baseline::server::Listen {
+                http: cli.listen,
+                websocket: cli.websocket,
+                text: cli.text,
+            };
+            baseline::server::run_parent(listen, workers)
         }
     };
     match result {

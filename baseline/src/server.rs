@@ -10,7 +10,9 @@
 //! The parent re-executes itself (`/proc/self/exe worker`) with
 //! - fd 3: the shared listening socket (set non-blocking in the worker);
 //! - fd 4: the write end of a pipe on which the worker reports ready (one
-//!   byte), so the parent prints its address only once every worker serves.
+//!   byte), so the parent prints its address only once every worker serves;
+//! - fds 5 and 6, when asked for: the WebSocket and text echo listeners
+//!   ([`crate::echo`]), served by the same workers.
 
 use std::convert::Infallible;
 use std::io::{Read as _, Write as _};
@@ -41,6 +43,11 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 
 const LISTENER_FD: i32 = 3;
 const READY_FD: i32 = 4;
+const WEBSOCKET_FD: i32 = 5;
+const TEXT_FD: i32 = 6;
+/// Set to `1` when the worker inherits [`WEBSOCKET_FD`] / [`TEXT_FD`].
+const WEBSOCKET_ENV: &str = "BASELINE_WEBSOCKET";
+const TEXT_ENV: &str = "BASELINE_TEXT";
 /// Set for the worker processes only; `worker` refuses to run without it.
 const WORKER_ENV: &str = "BASELINE_WORKER";
 /// As host's `HOST_WORKER_WRAPPER`: a command that runs each worker (for
@@ -69,10 +76,30 @@ fn plain(status: StatusCode, body: &'static str) -> HttpResponse {
 
 // ---------------------------------------------------------------- parent
 
-/// Runs the parent: binds `listen`, starts `workers` worker processes,
-/// prints `listening on ADDR` once they all serve, and returns after
+/// What the parent binds: the HTTP listener and, optionally, the echo
+/// listeners of [`crate::echo`].
+#[derive(Debug, Clone, Copy)]
+pub struct Listen {
+    /// HTTP routes of [`crate::route`].
+    pub http: SocketAddr,
+    /// WebSocket echo.
+    pub websocket: Option<SocketAddr>,
+    /// Newline-delimited text echo.
+    pub text: Option<SocketAddr>,
+}
+
+/// The listeners once bound, in the order of their fds.
+struct Listeners {
+    http: std::net::TcpListener,
+    websocket: Option<std::net::TcpListener>,
+    text: Option<std::net::TcpListener>,
+}
+
+/// Runs the parent: binds the listeners, starts `workers` worker processes,
+/// prints `listening on ADDR` (then `websocket on ADDR` and `text on ADDR`
+/// for the echo listeners asked for) once they all serve, and returns after
 /// SIGTERM or SIGINT (or a worker's death) once every worker is gone.
-pub fn run_parent(listen: SocketAddr, workers: usize) -> Result<()> {
+pub fn run_parent(listen: Listen, workers: usize) -> Result<()> {
     if workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -83,11 +110,25 @@ pub fn run_parent(listen: SocketAddr, workers: usize) -> Result<()> {
     runtime.block_on(parent(listen, workers))
 }
 
-async fn parent(listen: SocketAddr, workers: usize) -> Result<()> {
+async fn parent(listen: Listen, workers: usize) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
+    let bind_echo = |addr: Option<SocketAddr>| {
+        addr.map(|addr| bind(addr).with_context(|| format!("cannot listen on {addr}")))
+            .transpose()
+    };
+    let listener = Listeners {
+        http: bind(listen.http).with_context(|| format!("cannot listen on {}", listen.http))?,
+        websocket: bind_echo(listen.websocket)?,
+        text: bind_echo(listen.text)?,
+    };
+    let mut banner = format!("listening on {}\n", listener.http.local_addr()?);
+    if let Some(websocket) = &listener.websocket {
+        banner += &format!("websocket on {}\n", websocket.local_addr()?);
+    }
+    if let Some(text) = &listener.text {
+        banner += &format!("text on {}\n", text.local_addr()?);
+    }
 
     let (mut ready_reader, ready_writer) = std::io::pipe().context("cannot create a pipe")?;
     let ready_writer = OwnedFd::from(ready_writer);
@@ -113,7 +154,7 @@ async fn parent(listen: SocketAddr, workers: usize) -> Result<()> {
     drop(ready_reader);
     {
         let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "listening on {addr}")?;
+        stdout.write_all(banner.as_bytes())?;
         stdout.flush()?;
     }
 
@@ -157,14 +198,20 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 }
 
 fn spawn_worker(
-    listener: &std::net::TcpListener,
+    listeners: &Listeners,
     ready: &OwnedFd,
     slot: usize,
 ) -> Result<tokio::process::Child> {
-    let listener: OwnedFd = listener
-        .as_fd()
-        .try_clone_to_owned()
-        .context("cannot duplicate the listener")?;
+    let dup = |listener: &std::net::TcpListener| {
+        listener
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot duplicate a listener")
+    };
+    let mut fds = vec![FdMapping {
+        parent_fd: dup(&listeners.http)?,
+        child_fd: LISTENER_FD,
+    }];
     let ready = ready
         .try_clone()
         .context("cannot duplicate the ready pipe")?;
@@ -188,18 +235,23 @@ fn spawn_worker(
         .env(WORKER_ENV, "1")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    command
-        .fd_mappings(vec![
-            FdMapping {
-                parent_fd: listener,
-                child_fd: LISTENER_FD,
-            },
-            FdMapping {
-                parent_fd: ready,
-                child_fd: READY_FD,
-            },
-        ])
-        .context("worker fd mapping")?;
+    fds.push(FdMapping {
+        parent_fd: ready,
+        child_fd: READY_FD,
+    });
+    for (listener, fd, env) in [
+        (&listeners.websocket, WEBSOCKET_FD, WEBSOCKET_ENV),
+        (&listeners.text, TEXT_FD, TEXT_ENV),
+    ] {
+        if let Some(listener) = listener {
+            fds.push(FdMapping {
+                parent_fd: dup(listener)?,
+                child_fd: fd,
+            });
+            command.env(env, "1");
+        }
+    }
+    command.fd_mappings(fds).context("worker fd mapping")?;
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         command.pre_exec(move || {
@@ -227,7 +279,7 @@ async fn stop_workers(children: &mut Vec<tokio::process::Child>) {
 
 // ---------------------------------------------------------------- worker
 
-/// Runs a worker process: serves the inherited listener until killed.
+/// Runs a worker process: serves the inherited listeners until killed.
 pub fn run_worker() -> Result<()> {
     if std::env::var_os(WORKER_ENV).is_none() {
         bail!("`baseline-server worker` is started by baseline-server itself, not by hand");
@@ -242,6 +294,25 @@ pub fn run_worker() -> Result<()> {
     listener
         .set_nonblocking(true)
         .context("cannot set the listener non-blocking")?;
+    let echo = [
+        (
+            WEBSOCKET_ENV,
+            WEBSOCKET_FD,
+            crate::echo::Protocol::WebSocket,
+        ),
+        (TEXT_ENV, TEXT_FD, crate::echo::Protocol::Text),
+    ]
+    .into_iter()
+    .filter(|(env, _, _)| std::env::var_os(env).is_some())
+    .map(|(_, fd, protocol)| {
+        // SAFETY: the parent mapped this descriptor when it set `env`.
+        let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        listener
+            .set_nonblocking(true)
+            .context("cannot set an echo listener non-blocking")?;
+        Ok((listener, protocol))
+    })
+    .collect::<Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -249,6 +320,11 @@ pub fn run_worker() -> Result<()> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)
             .context("cannot use the inherited listener")?;
+        for (listener, protocol) in echo {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .context("cannot use an inherited echo listener")?;
+            tokio::spawn(crate::echo::serve(listener, protocol));
+        }
         let mut ready = ready;
         ready.write_all(b"r").context("cannot report ready")?;
         drop(ready);
