@@ -1037,7 +1037,10 @@ async fn connect(id: usize, config: &EchoConfig) -> anyhow::Result<Connection> {
             let url = format!("ws://{}{}", config.addr, config.path);
             let ws_config = WebSocketConfig::default()
                 .max_message_size(Some(MAX_INCOMING))
-                .max_frame_size(Some(MAX_INCOMING));
+                .max_frame_size(Some(MAX_INCOMING))
+                // tungstenite's 128 KiB default would cost ~80 KiB per
+                // connection: too much for tens of thousands of clients.
+                .read_buffer_size(4 << 10);
             let (ws, _response) =
                 tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config))
                     .await
