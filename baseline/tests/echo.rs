@@ -100,6 +100,11 @@ fn echo_loses_reorders_and_duplicates_nothing_across_two_workers() {
         assert_eq!(report.sent, 20 * 20, "{protocol:?}: {report:#?}");
         assert_clean(&report);
         assert!(report.longest_gap_us > 0, "{report:#?}");
+        assert_eq!(
+            report.gaps_by_second_us.iter().max(),
+            Some(&report.longest_gap_us),
+            "{report:#?}"
+        );
     }
 }
 

@@ -75,6 +75,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(10);
 /// Latency samples a client buffers before adding them to the shared
 /// histogram (one lock per batch instead of per echo).
 const SAMPLE_BATCH: usize = 256;
+/// Most entries in [`EchoReport::gaps_by_second_us`] (one hour).
+pub const MAX_GAP_SECONDS: usize = 3600;
 /// Maximum number of entries in [`EchoReport::first_errors`].
 const MAX_FIRST_ERRORS: usize = 10;
 /// Stand-in for "no deadline" when the duration is too large to add to now.
@@ -256,6 +258,11 @@ pub struct EchoReport {
     /// When that gap ended, seconds since the start (to match it with, e.g.,
     /// a reload).
     pub longest_gap_at_secs: f64,
+    /// For each second of the run, the longest gap between two echoes on one
+    /// connection that ended in it, µs (0: none): the gaps around each
+    /// reload. At most [`MAX_GAP_SECONDS`] entries; later gaps count in the
+    /// last.
+    pub gaps_by_second_us: Vec<u64>,
     /// Broadcast messages client 0 sent.
     pub broadcasts_sent: u64,
     /// Broadcast messages received, all clients together (ideally
@@ -316,7 +323,7 @@ impl EchoRun {
             panic!("loadgen: invalid EchoConfig: {e:#}");
         }
         let fd_limit = raise_fd_limit();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new(&config));
         let (stop_tx, stop_rx) = watch::channel(false);
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -559,6 +566,8 @@ struct Shared {
     /// Set once client 0 sends no more broadcasts, so that the others know
     /// how many to wait for before closing.
     broadcasts_done: AtomicBool,
+    /// Longest gap ending in each second, µs ([`EchoReport::gaps_by_second_us`]).
+    gaps_by_second: Vec<AtomicU64>,
     samples: Mutex<Samples>,
 }
 
@@ -577,6 +586,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Counters for a run of `config`, with a gap slot per second it can
+    /// last (sending, then draining).
+    fn new(config: &EchoConfig) -> Shared {
+        let seconds = (config.duration + config.drain_timeout)
+            .as_secs()
+            .saturating_add(2)
+            .min(MAX_GAP_SECONDS as u64);
+        Shared {
+            gaps_by_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+            ..Shared::default()
+        }
+    }
+
     fn error(&self, text: String) {
         let mut samples = lock(&self.samples);
         if samples.first_errors.len() < MAX_FIRST_ERRORS {
@@ -592,9 +614,30 @@ struct Local {
     latency_us: Vec<u64>,
     fanout_us: Vec<u64>,
     longest_gap: (Duration, Duration),
+    /// `(second, gap µs)`: the longest gap this client has put into
+    /// `Shared::gaps_by_second` for that second, so that only a longer one
+    /// touches the shared slot again.
+    second_gap: (usize, u64),
 }
 
 impl Local {
+    /// Counts a gap of `gap` between two echoes that ended at `at` since the
+    /// start.
+    fn gap(&mut self, shared: &Shared, gap: Duration, at: Duration) {
+        if gap > self.longest_gap.0 {
+            self.longest_gap = (gap, at);
+        }
+        let Some(last) = shared.gaps_by_second.len().checked_sub(1) else {
+            return;
+        };
+        let second = usize::try_from(at.as_secs()).map_or(last, |s| s.min(last));
+        let micros = u64::try_from(gap.as_micros()).unwrap_or(u64::MAX);
+        if self.second_gap.0 != second || micros > self.second_gap.1 {
+            self.second_gap = (second, micros);
+            shared.gaps_by_second[second].fetch_max(micros, Ordering::Relaxed);
+        }
+    }
+
     fn flush_if_full(&mut self, shared: &Shared) {
         if self.latency_us.len() + self.fanout_us.len() >= SAMPLE_BATCH {
             self.flush(shared);
@@ -680,6 +723,12 @@ fn report(config: &EchoConfig, shared: &Shared, elapsed: Duration, cpu: Duration
         latency_max_us: samples.latency_us.quantile(1.0),
         longest_gap_us: u64::try_from(samples.longest_gap.0.as_micros()).unwrap_or(u64::MAX),
         longest_gap_at_secs: samples.longest_gap.1.as_secs_f64(),
+        gaps_by_second_us: shared
+            .gaps_by_second
+            .iter()
+            .take((elapsed.as_secs() as usize).saturating_add(1))
+            .map(|slot| slot.load(Ordering::Relaxed))
+            .collect(),
         broadcasts_sent: load(&shared.broadcasts_sent),
         broadcasts_received: load(&shared.broadcasts_received),
         fanout_p50_us: samples.fanout_us.quantile(0.50),
@@ -969,10 +1018,7 @@ impl Exchange<'_> {
                 }
                 let now = Instant::now();
                 if let Some(last) = last_echo.replace(now) {
-                    let gap = now - last;
-                    if gap > self.local.longest_gap.0 {
-                        self.local.longest_gap = (gap, now - self.clock.start);
-                    }
+                    self.local.gap(shared, now - last, now - self.clock.start);
                 }
                 self.local
                     .latency_us
@@ -1193,6 +1239,30 @@ mod tests {
         for garbage in [&b"hello"[..], b"1:2", b"1:2:3:4", b"\xff", b"bx"] {
             assert_eq!(Payload::parse(garbage), Payload::Garbage, "{garbage:?}");
         }
+    }
+
+    #[test]
+    fn gaps_are_kept_per_second_and_the_longest_overall() {
+        let mut config = EchoConfig::new("127.0.0.1:1".parse().unwrap(), Protocol::Text);
+        config.duration = Duration::from_secs(3);
+        config.drain_timeout = Duration::from_secs(1);
+        let shared = Shared::new(&config);
+        assert_eq!(shared.gaps_by_second.len(), 6);
+        let (mut a, mut b) = (Local::default(), Local::default());
+        let ms = Duration::from_millis;
+        a.gap(&shared, ms(50), ms(200));
+        b.gap(&shared, ms(70), ms(900));
+        a.gap(&shared, ms(60), ms(950));
+        a.gap(&shared, ms(20), ms(2100));
+        b.gap(&shared, ms(90), Duration::from_secs(99));
+        let seconds: Vec<u64> = shared
+            .gaps_by_second
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(seconds, [70_000, 0, 20_000, 0, 0, 90_000]);
+        assert_eq!(a.longest_gap, (ms(60), ms(950)));
+        assert_eq!(b.longest_gap, (ms(90), Duration::from_secs(99)));
     }
 
     #[test]
