@@ -44,6 +44,10 @@ pub struct Config {
     /// Whether this is the built-in config (no file).
     #[serde(skip)]
     pub builtin: bool,
+    /// The file it was read from (absolute), read again on reload; `None`
+    /// for the built-in config.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// How a worker runs its handler calls.
@@ -57,8 +61,10 @@ pub enum Dispatch {
     Pool,
 }
 
-/// One group of identical workers sharing one listening socket.
-#[derive(Debug, Clone, Deserialize)]
+/// One group of identical workers sharing one listening socket. It
+/// serializes (to compare two of them key by key on reload) and compares
+/// as a whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// Name used in logs, status and `reload --group`.
@@ -201,9 +207,20 @@ impl Config {
             )
         })?;
         let base = directory_of(path)?;
-        config
+        let mut config = config
             .resolve(&base)
-            .with_context(|| format!("invalid config {}", path.display()))
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        config.source = path.file_name().map(|name| base.join(name));
+        Ok(config)
+    }
+
+    /// The same config, read again from where it came from: the file as
+    /// it is now, or the built-in config.
+    pub fn reread(&self) -> Result<Config> {
+        match &self.source {
+            Some(path) => Self::from_file(path),
+            None => Self::builtin(),
+        }
     }
 
     /// The configuration used when there is no file.
@@ -238,6 +255,7 @@ impl Config {
             keep_versions: default_keep_versions(),
             groups: Vec::new(),
             builtin: false,
+            source: None,
         }
     }
 

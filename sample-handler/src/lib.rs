@@ -2,7 +2,9 @@
 //!
 //! Its version string comes from `SAMPLE_VERSION` at build time (default: the
 //! crate version), so `SAMPLE_VERSION=v2 cargo build -p sample-handler`
-//! builds a distinguishable version for reload tests.
+//! builds a distinguishable version for reload tests. `GET /greeting`
+//! answers the group's `greeting` setting, so a test can see which config
+//! a worker was started with.
 
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ const MAX_SLEEP_MS: u64 = 60_000;
 
 struct Sample {
     hello: String,
+    greeting: String,
     pid: String,
     logger: Logger,
 }
@@ -31,6 +34,7 @@ impl Handler for Sample {
         ));
         Ok(Sample {
             hello: format!("hello from sample-handler {VERSION}"),
+            greeting: ctx.setting("greeting").unwrap_or("hello").to_owned(),
             pid: ctx.pid().to_string(),
             logger: ctx.logger(),
         })
@@ -40,6 +44,7 @@ impl Handler for Sample {
         match (req.method(), req.path()) {
             ("GET", "/") => Response::text(200, &self.hello),
             ("GET", "/version") => Response::text(200, VERSION),
+            ("GET", "/greeting") => Response::text(200, &self.greeting),
             ("GET", "/pid") => Response::text(200, &self.pid),
             ("GET", "/sleep") => sleep(req),
             ("GET", "/panic") => panic!("/panic was requested"),

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
-use crate::protocol::control::{ReloadOutcome, ReloadStep, StatusReport, WorkerConnections};
+use crate::protocol::control::{
+    GroupChange, ReloadOutcome, ReloadStep, StatusReport, WorkerConnections,
+};
 
 /// `host status`.
 pub fn print_status(report: &StatusReport) {
@@ -133,24 +135,46 @@ pub fn print_outcome(outcome: &ReloadOutcome) -> ExitCode {
     for name in &outcome.notified {
         println!("group {name} is not reloadable: its workers were notified");
     }
-    let changes = outcome
-        .groups
-        .iter()
-        .map(|g| format!("{} {} -> {}", g.group, g.from, g.to))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let joined = |line: &dyn Fn(&GroupChange) -> String| {
+        outcome
+            .groups
+            .iter()
+            .map(line)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match &outcome.error {
         None => {
+            for change in &outcome.config_changes {
+                println!("config: {change}");
+            }
+            if outcome.config_changes.is_empty() {
+                println!("config: nothing changed");
+            }
             println!(
-                "reload ok: {changes}; new workers ready in {} ms, old workers gone in {} ms",
-                outcome.ready_ms, outcome.done_ms
+                "reload ok: {}; new workers ready in {} ms, old workers gone in {} ms",
+                joined(&|g| format!("{} {} -> {}", g.group, g.from, g.to)),
+                outcome.ready_ms,
+                outcome.done_ms
             );
             ExitCode::SUCCESS
         }
         Some(error) => {
             eprintln!("host: reload failed: {error}");
-            if !changes.is_empty() {
-                eprintln!("host: still serving {changes}");
+            let refused: Vec<String> = outcome
+                .groups
+                .iter()
+                .filter(|g| g.wanted != g.to && !g.wanted.is_empty())
+                .map(|g| format!("{} {}", g.group, g.wanted))
+                .collect();
+            if !refused.is_empty() {
+                eprintln!("host: refused {}", refused.join(", "));
+            }
+            if !outcome.groups.is_empty() {
+                eprintln!(
+                    "host: still serving {}",
+                    joined(&|g| format!("{} {}", g.group, g.to))
+                );
             }
             ExitCode::FAILURE
         }

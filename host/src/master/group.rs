@@ -4,12 +4,19 @@
 //!
 //! The socket is adopted from systemd socket activation when one matches
 //! the group (by name, else by address); otherwise the master binds it.
+//!
+//! A reload that changes `listen` binds the new address first
+//! ([`MovedListener`]); replacements accept from it, and once the reload ended
+//! the group [`settle`](Group::settle)s on one of the two. A removed group
+//! stays in the master's table, without listener or slots, so the indexes
+//! of the other groups never change.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
+use super::reload::Generation;
 use super::slot::WorkerSlot;
 use super::systemd::ActivatedListener;
 use crate::config::GroupConfig;
@@ -18,8 +25,11 @@ use crate::versions::store::Version;
 /// A group of identical workers on one listener.
 pub struct Group {
     /// Its settings.
-    pub config: GroupConfig,
-    listener: TcpListener,
+    pub config: Arc<GroupConfig>,
+    /// `None` once the group is removed.
+    listener: Option<TcpListener>,
+    /// The new address's listener while a reload moves the group.
+    moving_to: Option<MovedListener>,
     /// The bound address (the real port when the config says 0).
     pub addr: SocketAddr,
     /// The version new workers of this group run.
@@ -32,7 +42,7 @@ impl Group {
     /// The group of `config`, listening (on an adopted socket if one of
     /// `activated` matches, which is then taken out), its slots empty.
     pub fn listen(
-        config: GroupConfig,
+        config: Arc<GroupConfig>,
         activated: &mut Vec<ActivatedListener>,
         version: Arc<Version>,
     ) -> Result<Group> {
@@ -50,9 +60,7 @@ impl Group {
                 tracing::info!(group = %config.name, fd_name = %adopted.name, "using the socket-activated listener");
                 adopted.listener
             }
-            None => bind(config.listen).with_context(|| {
-                format!("group {}: cannot listen on {}", config.name, config.listen)
-            })?,
+            None => bind_group(&config)?,
         };
         let addr = listener.local_addr()?;
         let slots = (0..config.count)
@@ -60,17 +68,84 @@ impl Group {
             .collect();
         Ok(Group {
             config,
-            listener,
+            listener: Some(listener),
+            moving_to: None,
             addr,
             version,
             slots,
         })
     }
 
-    /// The socket its workers accept from.
-    pub fn listener(&self) -> &TcpListener {
-        &self.listener
+    /// A group a reload adds: listening, with no slot yet.
+    pub fn added(config: Arc<GroupConfig>, version: Arc<Version>) -> Result<Group> {
+        let mut group = Group::listen(config, &mut Vec::new(), version)?;
+        group.slots.clear();
+        Ok(group)
     }
+
+    /// Takes the listener a reload moves the group to.
+    pub fn move_to(&mut self, listener: MovedListener) {
+        self.moving_to = Some(listener);
+    }
+
+    /// The socket workers on `config` accept from: the one a reload moves
+    /// the group to, if `config` is the moved one. `None` once removed.
+    pub fn listener_for(&self, config: &GroupConfig) -> Option<&TcpListener> {
+        match &self.moving_to {
+            Some(moved) if moved.configured == config.listen => Some(&moved.listener),
+            _ => self.listener.as_ref(),
+        }
+    }
+
+    /// Whether a reload removed the group.
+    pub fn is_removed(&self) -> bool {
+        self.listener.is_none()
+    }
+
+    /// After a reload: runs `generation` on `count` slots. Keeps the
+    /// listener `generation` listens on and closes the other one; with no
+    /// slot left, the group is removed and its listener closed.
+    pub fn settle(&mut self, generation: Generation, count: usize) {
+        if let Some(moved) = self.moving_to.take() {
+            if moved.configured == generation.config.listen {
+                self.listener = Some(moved.listener);
+                self.addr = moved.addr;
+            }
+        }
+        if count == 0 {
+            self.listener = None;
+        }
+        self.config = generation.config;
+        self.version = generation.version;
+        self.slots.truncate(count);
+    }
+}
+
+/// A listener bound for a group's new address, before the reload that
+/// moves the group there starts.
+pub struct MovedListener {
+    listener: TcpListener,
+    /// The address as configured (port 0 stays 0).
+    configured: SocketAddr,
+    /// The address as bound.
+    addr: SocketAddr,
+}
+
+impl MovedListener {
+    /// Binds the address of `to`.
+    pub fn bind(to: &GroupConfig) -> Result<MovedListener> {
+        let listener = bind_group(to)?;
+        Ok(MovedListener {
+            addr: listener.local_addr()?,
+            configured: to.listen,
+            listener,
+        })
+    }
+}
+
+fn bind_group(config: &GroupConfig) -> Result<TcpListener> {
+    bind(config.listen)
+        .with_context(|| format!("group {}: cannot listen on {}", config.name, config.listen))
 }
 
 /// Binds a listener with a deep accept queue, for all workers to share.

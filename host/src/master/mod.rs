@@ -8,6 +8,7 @@
 //! (and reasoned about) in one place, with no locks.
 
 mod admin;
+mod config_change;
 mod connections;
 mod control;
 mod group;

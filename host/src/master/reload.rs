@@ -1,22 +1,33 @@
 //! What happens on `host reload`.
 //!
-//! 1. Each targeted group's handler file is snapshotted into the store once
-//!    (the master does this, into a [`ReloadPlan`]); every replacement in
-//!    this reload loads exactly those bytes.
+//! 1. The master reads the config file again and compares it with the one
+//!    it runs (`config_change.rs`): a file that does not parse, or an edit
+//!    only a restart applies, refuses the reload before anything changes.
+//!    Each targeted group's handler file is snapshotted into the store
+//!    once; listeners of new groups and moved groups are bound (a bind
+//!    failure refuses the reload too). That is the [`ReloadPlan`]: per
+//!    group, a [`Target`] going from one [`Generation`] (handler bytes and
+//!    group config) and slot count to another. Every replacement in this
+//!    reload loads exactly those bytes with exactly that config.
 //! 2. [`Phase::Forward`], slot by slot: spawn the replacement, wait for its
 //!    ready report (bounded by the start timeout), make it the slot's worker,
 //!    and retire the old one. The next slot starts right away: retired
 //!    workers drain in parallel, so the reload costs the workers' start
 //!    time, not a lame-duck period per worker. A slot always has a serving
-//!    worker.
+//!    worker. Slots a larger `count` adds (or a new group's) are started
+//!    the same way, after the existing ones, with nobody to retire.
 //! 3. [`Phase::RollingBack`]: if a replacement fails (load error, ABI
 //!    mismatch, start error, crash, timeout), it is killed, the remaining
 //!    old workers stay, and the slots already replaced get the previous
-//!    version back the same way, last first. The worker's own error is the
-//!    reload's error.
-//! 4. [`Phase::Retiring`]: every slot has its worker; the reload ends when
+//!    generation back the same way, last first; slots the reload added are
+//!    retired. The worker's own error is the reload's error.
+//! 4. [`Phase::Retiring`]: every slot has its worker. After a forward run
+//!    the slots a smaller `count` drops (all of a removed group's) are
+//!    retired now, when nothing can fail any more. The reload ends when
 //!    every retired worker (and refused replacement) is gone, those still
-//!    draining at their stop timeout being killed and reported.
+//!    draining at their stop timeout being killed and reported; then each
+//!    group settles on its new generation and slot count (listeners of
+//!    moved or removed groups are closed), or keeps its old ones.
 //!
 //! Groups with `reloadable = false` keep their workers and get a reload
 //! notification. A reload asked while one runs is queued; further requests
@@ -36,6 +47,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::lifecycle::WorkerId;
+use crate::config::GroupConfig;
 use crate::protocol::control::{
     ControlReply, GroupChange, KilledWorker, ReloadOutcome, ReloadStep,
 };
@@ -76,9 +88,10 @@ pub enum Action {
         /// Group index.
         group: usize,
     },
-    /// Start worker `worker` for a slot on `version`, as a replacement.
-    /// Its ready report goes to [`Reloads::replacement_ready`]; its failure
-    /// to start, or to spawn, to [`Reloads::replacement_failed`].
+    /// Start worker `worker` for a slot (adding the slot if the group has
+    /// none at that index) on `generation`, as a replacement. Its ready
+    /// report goes to [`Reloads::replacement_ready`]; its failure to start,
+    /// or to spawn, to [`Reloads::replacement_failed`].
     Spawn {
         /// The id it gets.
         worker: WorkerId,
@@ -86,8 +99,8 @@ pub enum Action {
         group: usize,
         /// Slot index.
         slot: usize,
-        /// What it loads.
-        version: Arc<Version>,
+        /// What it loads, with which config.
+        generation: Generation,
     },
     /// Tell a worker to drain; its exit goes to [`Reloads::worker_gone`].
     Retire(WorkerId),
@@ -106,15 +119,18 @@ pub enum Action {
         /// What they get.
         reply: ControlReply,
     },
-    /// The reload ended: count it, and give each group in `versions` its
-    /// new version (empty when it failed).
+    /// The reload ended: count it, and settle each targeted group on the
+    /// generation and slot count it keeps (the new ones when it worked,
+    /// else the old ones): slots past the count are dropped, a group left
+    /// with none is removed, and its listener, or the one it moved from,
+    /// closed.
     Finish {
-        /// Whether every targeted slot runs the new version.
+        /// Whether every targeted slot runs the new generation.
         ok: bool,
         /// From the request to the end.
         elapsed: Duration,
-        /// (group index, version) of each reloaded group.
-        versions: Vec<(usize, Arc<Version>)>,
+        /// What each targeted group keeps.
+        groups: Vec<Settled>,
     },
     /// A reload could not start: count it as failed.
     Refused {
@@ -123,19 +139,42 @@ pub enum Action {
     },
 }
 
-/// One group a reload replaces the workers of.
+/// What a group's workers run: the handler bytes, and the group's config
+/// (settings, timeouts, dispatch, listen address...).
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The handler bytes.
+    pub version: Arc<Version>,
+    /// The group's config.
+    pub config: Arc<GroupConfig>,
+}
+
+/// One group a reload replaces, adds, or removes the workers of.
 #[derive(Debug, Clone)]
 pub struct Target {
     /// Group index.
     pub group: usize,
     /// Group name.
     pub name: String,
-    /// How many slots it has.
+    /// How many slots it has now (0 for a group the reload adds).
     pub slots: usize,
-    /// The version its workers run now.
-    pub from: Arc<Version>,
-    /// The version they are to run.
-    pub to: Arc<Version>,
+    /// How many it is to have (0 for a group the reload removes).
+    pub count: usize,
+    /// What its workers run now.
+    pub from: Generation,
+    /// What they are to run.
+    pub to: Generation,
+}
+
+/// What a group keeps once a reload ended.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    /// Group index.
+    pub group: usize,
+    /// What its workers run.
+    pub generation: Generation,
+    /// How many slots it keeps (0: the group is gone).
+    pub count: usize,
 }
 
 /// What a reload is to do, decided before it starts.
@@ -145,6 +184,9 @@ pub struct ReloadPlan {
     pub targets: Vec<Target>,
     /// Groups that are not reloadable: (index, name), only notified.
     pub notified: Vec<(usize, String)>,
+    /// What the reload changes of the config, one line per group
+    /// (`web: count 2 -> 3`); empty when the file is as it runs.
+    pub config_changes: Vec<String>,
 }
 
 /// The reload running, if any, and the one queued behind it.
@@ -165,6 +207,7 @@ struct ReloadRun {
     started: Instant,
     targets: Vec<Target>,
     notified: Vec<String>,
+    config_changes: Vec<String>,
     phase: Phase,
     /// The replacement being started now (never while retiring).
     step: Option<Step>,
@@ -207,7 +250,7 @@ struct Step {
     worker: WorkerId,
     group: usize,
     slot: usize,
-    version: Arc<Version>,
+    generation: Generation,
     /// The slot's worker when the replacement was spawned.
     old: Option<WorkerId>,
     spawned: Instant,
@@ -266,20 +309,28 @@ impl Reloads {
         for target in &plan.targets {
             tracing::debug!(
                 group = %target.name,
-                from = target.from.short(),
-                to = target.to.short(),
+                from = target.from.version.short(),
+                to = target.to.version.short(),
+                slots = target.slots,
+                count = target.count,
                 "reload started"
             );
         }
+        for change in &plan.config_changes {
+            tracing::info!("config: {change}");
+        }
+        // Existing slots first, then the added ones; dropped slots are
+        // retired once every new worker is ready.
         let todo = plan
             .targets
             .iter()
-            .flat_map(|t| (0..t.slots).map(move |slot| (t.group, slot)))
+            .flat_map(|t| (0..t.count).map(move |slot| (t.group, slot)))
             .collect();
         let mut run = ReloadRun {
             started,
             targets: plan.targets,
             notified: plan.notified.into_iter().map(|(_, name)| name).collect(),
+            config_changes: plan.config_changes,
             phase: Phase::Forward {
                 todo,
                 replaced: Vec::new(),
@@ -302,6 +353,7 @@ impl Reloads {
             ok: false,
             error: Some(error),
             groups: Vec::new(),
+            config_changes: Vec::new(),
             notified: Vec::new(),
             ready_ms: 0,
             done_ms: elapsed.as_millis() as u64,
@@ -431,46 +483,84 @@ impl Reloads {
 impl ReloadRun {
     /// Spawns the next replacement, or moves to retiring when none is left.
     fn advance(&mut self, table: &mut impl WorkerTable) -> Vec<Action> {
+        let mut actions = Vec::new();
         if self.step.is_some() {
-            return Vec::new();
+            return actions;
         }
-        let (next, rollback) = match &mut self.phase {
-            Phase::Forward { todo, .. } => (todo.pop_front(), false),
-            Phase::RollingBack { todo, .. } => (todo.pop_front(), true),
-            Phase::Retiring { .. } => return Vec::new(),
-        };
-        let Some((group, slot)) = next else {
-            let error = match &mut self.phase {
-                Phase::RollingBack { error, .. } => Some(std::mem::take(error)),
-                _ => None,
+        loop {
+            let (next, rollback) = match &mut self.phase {
+                Phase::Forward { todo, .. } => (todo.pop_front(), false),
+                Phase::RollingBack { todo, .. } => (todo.pop_front(), true),
+                Phase::Retiring { .. } => return actions,
             };
-            self.phase = Phase::Retiring {
-                error,
-                ready_at: Instant::now(),
+            let Some((group, slot)) = next else {
+                let error = match &mut self.phase {
+                    Phase::RollingBack { error, .. } => Some(std::mem::take(error)),
+                    _ => {
+                        actions.extend(self.retire_dropped_slots(table));
+                        None
+                    }
+                };
+                self.phase = Phase::Retiring {
+                    error,
+                    ready_at: Instant::now(),
+                };
+                return actions;
             };
-            return Vec::new();
-        };
-        let target = self.target(group);
-        let version = if rollback {
-            target.from.clone()
-        } else {
-            target.to.clone()
-        };
-        let worker = table.new_worker_id();
-        self.step = Some(Step {
-            worker,
-            group,
-            slot,
-            version: version.clone(),
-            old: table.serving(group, slot),
-            spawned: Instant::now(),
-        });
-        vec![Action::Spawn {
-            worker,
-            group,
-            slot,
-            version,
-        }]
+            let target = self.target(group);
+            if rollback && slot >= target.slots {
+                // A slot this reload added: there is nothing to put back.
+                actions.extend(self.retire_slot(group, slot, table));
+                continue;
+            }
+            let generation = if rollback {
+                target.from.clone()
+            } else {
+                target.to.clone()
+            };
+            let worker = table.new_worker_id();
+            self.step = Some(Step {
+                worker,
+                group,
+                slot,
+                generation: generation.clone(),
+                old: table.serving(group, slot),
+                spawned: Instant::now(),
+            });
+            actions.push(Action::Spawn {
+                worker,
+                group,
+                slot,
+                generation,
+            });
+            return actions;
+        }
+    }
+
+    /// Retires the slots past each target's new count (all of a removed
+    /// group's), once every new worker is ready.
+    fn retire_dropped_slots(&mut self, table: &impl WorkerTable) -> Vec<Action> {
+        let dropped: Vec<SlotRef> = self
+            .targets
+            .iter()
+            .flat_map(|t| (t.count..t.slots).map(move |slot| (t.group, slot)))
+            .collect();
+        dropped
+            .into_iter()
+            .flat_map(|(group, slot)| self.retire_slot(group, slot, table))
+            .collect()
+    }
+
+    /// Retires a slot's serving worker, if it has one.
+    fn retire_slot(
+        &mut self,
+        group: usize,
+        slot: usize,
+        table: &impl WorkerTable,
+    ) -> Option<Action> {
+        let worker = table.serving(group, slot)?;
+        self.retiring.insert(worker);
+        Some(Action::Retire(worker))
     }
 
     /// The replacement of the current step serves its slot: retire the old
@@ -500,7 +590,7 @@ impl ReloadRun {
             old_pid: old_info.as_ref().map(|(pid, _)| *pid),
             old_version: old_info.map(|(_, version)| version),
             new_pid: table.describe(worker).map_or(0, |(pid, _)| pid),
-            new_version: step.version.short().to_owned(),
+            new_version: step.generation.version.short().to_owned(),
             start_ms: step.spawned.elapsed().as_millis() as u64,
             rollback,
         };
@@ -539,7 +629,9 @@ impl ReloadRun {
             }
             Phase::Retiring { .. } => {}
         }
-        if table.serving(group, slot).is_some() {
+        // A slot this reload added goes away with it; one serving still
+        // has its worker.
+        if slot >= self.target(group).slots || table.serving(group, slot).is_some() {
             return Vec::new();
         }
         vec![Action::Refill { group, slot }]
@@ -565,22 +657,25 @@ impl ReloadRun {
             .iter()
             .map(|t| GroupChange {
                 group: t.name.clone(),
-                from: t.from.short().to_owned(),
-                to: if ok { t.to.short() } else { t.from.short() }.to_owned(),
+                from: t.from.version.short().to_owned(),
+                to: if ok { &t.to } else { &t.from }.version.short().to_owned(),
+                wanted: t.to.version.short().to_owned(),
             })
             .collect();
-        let versions = match ok {
-            true => self
-                .targets
-                .iter()
-                .map(|t| (t.group, t.to.clone()))
-                .collect(),
-            false => Vec::new(),
-        };
+        let settled = self
+            .targets
+            .iter()
+            .map(|t| Settled {
+                group: t.group,
+                generation: if ok { &t.to } else { &t.from }.clone(),
+                count: if ok { t.count } else { t.slots },
+            })
+            .collect();
         let outcome = ReloadOutcome {
             ok,
             error,
             groups,
+            config_changes: self.config_changes,
             notified: self.notified,
             ready_ms: ready_at.map_or(0, |t| t.duration_since(self.started).as_millis() as u64),
             done_ms: elapsed.as_millis() as u64,
@@ -596,7 +691,12 @@ impl ReloadRun {
                 ready_ms = outcome.ready_ms,
                 done_ms = outcome.done_ms,
                 "reload done: {}",
-                changes(|t| format!("{} {} -> {}", t.name, t.from.short(), t.to.short()))
+                changes(|t| format!(
+                    "{} {} -> {}",
+                    t.name,
+                    t.from.version.short(),
+                    t.to.version.short()
+                ))
             ),
             Some(error) => tracing::warn!(
                 done_ms = outcome.done_ms,
@@ -604,8 +704,8 @@ impl ReloadRun {
                 changes(|t| format!(
                     "{} still serves {} (refused {})",
                     t.name,
-                    t.from.short(),
-                    t.to.short()
+                    t.from.version.short(),
+                    t.to.version.short()
                 ))
             ),
         }
@@ -613,7 +713,7 @@ impl ReloadRun {
             Action::Finish {
                 ok,
                 elapsed,
-                versions,
+                groups: settled,
             },
             Action::Reply {
                 to: self.waiters,
@@ -666,6 +766,25 @@ mod tests {
         start: Option<Vec<Reply>>,
         outcome: Option<ReloadOutcome>,
         progress: Vec<ReloadStep>,
+        /// What each spawned replacement was to run.
+        spawned: Vec<Generation>,
+        /// What the groups kept when the last reload ended.
+        settled: Vec<Settled>,
+    }
+
+    /// `web`'s config with `count` workers.
+    fn web(count: usize) -> Arc<GroupConfig> {
+        let text = format!(
+            "name = \"web\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\ncount = {count}\n"
+        );
+        Arc::new(toml::from_str(&text).expect("a group config"))
+    }
+
+    fn generation(name: &str, count: usize) -> Generation {
+        Generation {
+            version: version(name),
+            config: web(count),
+        }
     }
 
     /// Group 0, `web`, with `slots` workers w1.. serving v1, reloaded to v2.
@@ -681,10 +800,12 @@ mod tests {
                 group: 0,
                 name: "web".into(),
                 slots,
-                from: version("v1"),
-                to: version("v2"),
+                count: slots,
+                from: generation("v1", slots),
+                to: generation("v2", slots),
             }],
             notified: Vec::new(),
+            config_changes: Vec::new(),
         };
         Bench {
             reloads: Reloads::default(),
@@ -693,7 +814,17 @@ mod tests {
             start: None,
             outcome: None,
             progress: Vec::new(),
+            spawned: Vec::new(),
+            settled: Vec::new(),
         }
+    }
+
+    /// `bench(slots)` whose reload is to leave `count` slots on v2.
+    fn bench_to_count(slots: usize, count: usize) -> Bench {
+        let mut b = bench(slots);
+        b.plan.targets[0].count = count;
+        b.plan.targets[0].to = generation("v2", count);
+        b
     }
 
     fn w(n: u64) -> WorkerId {
@@ -789,10 +920,14 @@ mod tests {
                         worker,
                         group,
                         slot,
-                        version,
+                        generation,
                     } => {
                         self.table.slot_of.insert(worker, (group, slot));
-                        format!("spawn w{} {group}/{slot} {}", worker.0, version.hash)
+                        self.spawned.push(generation.clone());
+                        format!(
+                            "spawn w{} {group}/{slot} {}",
+                            worker.0, generation.version.hash
+                        )
                     }
                     Action::Retire(worker) => format!("retire w{}", worker.0),
                     Action::Refill { group, slot } => format!("refill {group}/{slot}"),
@@ -819,12 +954,15 @@ mod tests {
                         }
                         other => panic!("a reload does not send {other:?}"),
                     },
-                    Action::Finish { ok, versions, .. } => {
-                        let versions: Vec<String> = versions
+                    Action::Finish { ok, groups, .. } => {
+                        self.settled = groups.clone();
+                        let groups: Vec<String> = groups
                             .iter()
-                            .map(|(group, version)| format!("{group}={}", version.hash))
+                            .map(|g| {
+                                format!("{}={}x{}", g.group, g.generation.version.hash, g.count)
+                            })
                             .collect();
-                        format!("finish ok={ok} {}", versions.join(","))
+                        format!("finish ok={ok} {}", groups.join(","))
                     }
                     Action::Refused { .. } => "refused".to_owned(),
                 })
@@ -847,7 +985,7 @@ mod tests {
         );
         assert_eq!(b.ready(w(4)), ["retire w2", "progress web/1 v2"]);
         assert_eq!(b.gone(w(1)), Vec::<String>::new());
-        assert_eq!(b.gone(w(2)), ["finish ok=true 0=v2", "reloaded ok to 1"]);
+        assert_eq!(b.gone(w(2)), ["finish ok=true 0=v2x2", "reloaded ok to 1"]);
         assert!(!b.reloads.is_running());
         let outcome = b.outcome();
         assert!(outcome.ok && outcome.error.is_none());
@@ -880,7 +1018,10 @@ mod tests {
         for worker in [1, 2, 6, 5] {
             assert_eq!(b.gone(w(worker)), Vec::<String>::new(), "w{worker}");
         }
-        assert_eq!(b.gone(w(4)), ["finish ok=false ", "reloaded failed to 1"]);
+        assert_eq!(
+            b.gone(w(4)),
+            ["finish ok=false 0=v1x3", "reloaded failed to 1"]
+        );
         let outcome = b.outcome();
         assert_eq!(
             outcome.error.as_deref(),
@@ -916,7 +1057,10 @@ mod tests {
         b.reload();
         assert_eq!(b.fail(w(3)), Vec::<String>::new());
         assert!(b.reloads.is_running(), "the refused worker is still there");
-        assert_eq!(b.gone(w(3)), ["finish ok=false ", "reloaded failed to 1"]);
+        assert_eq!(
+            b.gone(w(3)),
+            ["finish ok=false 0=v1x2", "reloaded failed to 1"]
+        );
     }
 
     #[test]
@@ -941,7 +1085,7 @@ mod tests {
         assert_eq!(b.progress[2].old_pid, None);
         // A new worker crashes: not the reload's concern.
         assert_eq!(b.gone(w(4)), Vec::<String>::new());
-        assert_eq!(b.gone(w(1)), ["finish ok=true 0=v2", "reloaded ok to 1"]);
+        assert_eq!(b.gone(w(1)), ["finish ok=true 0=v2x3", "reloaded ok to 1"]);
     }
 
     #[test]
@@ -950,7 +1094,10 @@ mod tests {
         b.reload();
         b.gone(w(1));
         assert_eq!(b.fail(w(2)), ["refill 0/0"]);
-        assert_eq!(b.gone(w(2)), ["finish ok=false ", "reloaded failed to 1"]);
+        assert_eq!(
+            b.gone(w(2)),
+            ["finish ok=false 0=v1x1", "reloaded failed to 1"]
+        );
     }
 
     #[test]
@@ -962,7 +1109,7 @@ mod tests {
         assert_eq!(
             b.stop(),
             [
-                "finish ok=false ",
+                "finish ok=false 0=v1x2",
                 "reloaded failed to 1",
                 "error to 1: host is stopping"
             ]
@@ -983,13 +1130,17 @@ mod tests {
         b.ready(w(2));
         assert_eq!(
             b.gone(w(1)),
-            ["finish ok=true 0=v2", "reloaded ok to 1", "start all for 2"],
+            [
+                "finish ok=true 0=v2x1",
+                "reloaded ok to 1",
+                "start all for 2"
+            ],
             "two groups asked: the queued reload is of all groups, for both callers"
         );
         let waiters = b.start.take().expect("the queued reload starts");
         assert_eq!(b.begin(waiters), ["spawn w3 0/0 v2"]);
         b.ready(w(3));
-        assert_eq!(b.gone(w(2)), ["finish ok=true 0=v2", "reloaded ok to 2"]);
+        assert_eq!(b.gone(w(2)), ["finish ok=true 0=v2x1", "reloaded ok to 2"]);
     }
 
     #[test]
@@ -1043,5 +1194,140 @@ mod tests {
         assert_eq!(b.render(actions), ["refused", "reloaded failed to 1"]);
         assert_eq!(b.outcome().error.as_deref(), Some("no such version"));
         assert!(!b.reloads.is_running());
+    }
+
+    #[test]
+    fn a_larger_count_starts_the_added_slots_after_replacing_the_others() {
+        let mut b = bench_to_count(1, 2);
+        assert_eq!(b.reload(), ["start all for 1", "spawn w2 0/0 v2"]);
+        assert_eq!(
+            b.ready(w(2)),
+            ["retire w1", "progress web/0 v2", "spawn w3 0/1 v2"]
+        );
+        assert_eq!(b.ready(w(3)), ["progress web/1 v2"], "nobody to retire");
+        assert_eq!(b.progress[1].old_pid, None);
+        assert_eq!(b.gone(w(1)), ["finish ok=true 0=v2x2", "reloaded ok to 1"]);
+        assert_eq!(b.settled[0].generation.config.count, 2);
+    }
+
+    #[test]
+    fn a_smaller_count_retires_the_dropped_slots_once_the_others_are_replaced() {
+        let mut b = bench_to_count(3, 1);
+        assert_eq!(b.reload(), ["start all for 1", "spawn w4 0/0 v2"]);
+        assert_eq!(
+            b.ready(w(4)),
+            ["retire w1", "progress web/0 v2", "retire w2", "retire w3"]
+        );
+        assert_eq!(b.gone(w(1)), Vec::<String>::new());
+        assert_eq!(b.gone(w(2)), Vec::<String>::new());
+        assert_eq!(b.gone(w(3)), ["finish ok=true 0=v2x1", "reloaded ok to 1"]);
+    }
+
+    #[test]
+    fn an_added_group_starts_its_workers_and_keeps_them() {
+        let mut b = bench(1);
+        let mut ws = generation("v2", 2);
+        ws.config = Arc::new(GroupConfig {
+            name: "ws".into(),
+            ..(*ws.config).clone()
+        });
+        b.plan.targets = vec![Target {
+            group: 1,
+            name: "ws".into(),
+            slots: 0,
+            count: 2,
+            from: ws.clone(),
+            to: ws,
+        }];
+        assert_eq!(b.reload(), ["start all for 1", "spawn w2 1/0 v2"]);
+        assert_eq!(b.ready(w(2)), ["progress ws/0 v2", "spawn w3 1/1 v2"]);
+        assert_eq!(
+            b.ready(w(3)),
+            [
+                "progress ws/1 v2",
+                "finish ok=true 1=v2x2",
+                "reloaded ok to 1"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_reload_leaves_an_added_group_without_slots() {
+        let mut b = bench(0);
+        b.plan.targets[0].count = 1;
+        b.plan.targets[0].to = b.plan.targets[0].from.clone();
+        b.reload();
+        assert_eq!(b.fail(w(1)), Vec::<String>::new());
+        assert_eq!(
+            b.gone(w(1)),
+            ["finish ok=false 0=v1x0", "reloaded failed to 1"]
+        );
+    }
+
+    #[test]
+    fn a_removed_group_drains_all_its_workers_and_keeps_no_slot() {
+        let mut b = bench_to_count(2, 0);
+        b.plan.targets[0].to = b.plan.targets[0].from.clone();
+        assert_eq!(b.reload(), ["start all for 1", "retire w1", "retire w2"]);
+        assert!(b.reloads.is_running(), "until its workers are gone");
+        assert_eq!(b.gone(w(1)), Vec::<String>::new());
+        assert_eq!(b.gone(w(2)), ["finish ok=true 0=v1x0", "reloaded ok to 1"]);
+    }
+
+    #[test]
+    fn a_moved_group_starts_its_replacements_on_the_new_address_and_settles_there() {
+        let mut b = bench(2);
+        let mut moved = (*b.plan.targets[0].to.config).clone();
+        moved.listen = "127.0.0.1:9000".parse().unwrap();
+        b.plan.targets[0].to.config = Arc::new(moved);
+        b.reload();
+        b.ready(w(3));
+        b.ready(w(4));
+        b.gone(w(1));
+        b.gone(w(2));
+        let listens: Vec<String> = b
+            .spawned
+            .iter()
+            .map(|g| g.config.listen.to_string())
+            .collect();
+        assert_eq!(listens, ["127.0.0.1:9000", "127.0.0.1:9000"]);
+        assert_eq!(
+            b.settled[0].generation.config.listen.to_string(),
+            "127.0.0.1:9000"
+        );
+    }
+
+    #[test]
+    fn a_failed_config_reload_retires_the_added_slots_and_puts_the_old_config_back() {
+        let mut b = bench_to_count(1, 3);
+        b.plan.targets[0].to.config = Arc::new(GroupConfig {
+            settings: [("greeting".to_owned(), toml::Value::from("hi"))].into(),
+            ..(*b.plan.targets[0].to.config).clone()
+        });
+        b.reload();
+        b.ready(w(2));
+        assert_eq!(b.ready(w(3)), ["progress web/1 v2", "spawn w4 0/2 v2"]);
+        assert_eq!(b.fail(w(4)), ["retire w3", "spawn w5 0/0 v1"]);
+        assert!(
+            b.spawned[3].config.settings.is_empty(),
+            "the slot put back runs the old config"
+        );
+        assert_eq!(b.ready(w(5)), ["retire w2", "progress web/0 v1 rollback"]);
+        for worker in [1, 4, 3] {
+            assert_eq!(b.gone(w(worker)), Vec::<String>::new(), "w{worker}");
+        }
+        assert_eq!(
+            b.gone(w(2)),
+            ["finish ok=false 0=v1x1", "reloaded failed to 1"]
+        );
+        assert!(b.settled[0].generation.config.settings.is_empty());
+        let outcome = b.outcome();
+        assert_eq!(
+            (
+                outcome.groups[0].to.as_str(),
+                outcome.groups[0].wanted.as_str()
+            ),
+            ("v1", "v2")
+        );
     }
 }

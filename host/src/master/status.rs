@@ -13,6 +13,7 @@ impl Master {
         let groups = self
             .groups
             .iter()
+            .filter(|g| !g.is_removed())
             .map(|g| GroupStatus {
                 name: g.config.name.clone(),
                 listen: g.addr.to_string(),
@@ -78,7 +79,7 @@ impl Master {
             AdminQuery::Health => {
                 let mut healthy = !self.is_stopping();
                 let mut text = String::new();
-                for group in &self.groups {
+                for group in self.groups.iter().filter(|g| !g.is_removed()) {
                     let ready = self.ready_workers(group);
                     healthy &= ready > 0;
                     text.push_str(&format!(

@@ -18,22 +18,23 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
+use super::config_change::{self, GroupEdit};
 use super::connections::{self, ConnectionQueries};
-use super::group::Group;
+use super::group::{Group, MovedListener};
 use super::lifecycle::{Lifecycle, Role, WorkerId};
 use super::metrics::Metrics;
-use super::reload::{Action, ReloadPlan, Reloads, Reply, Target, WorkerTable};
-use super::slot::QUICK_DEATH;
+use super::reload::{Action, Generation, ReloadPlan, Reloads, Reply, Target, WorkerTable};
+use super::slot::{WorkerSlot, QUICK_DEATH};
 use super::spawn::{describe_exit, spawn_worker, watch_worker, worker_spec};
 use super::systemd::{self, ActivatedListener};
 use super::watch::HandlerWatch;
 use super::{report_ready, Event, SignalAction};
-use crate::config::{Config, RunDir};
+use crate::config::{Config, GroupConfig, RunDir};
 use crate::counters::{SharedCounters, WorkerCounters};
 use crate::protocol::control::{ControlReply, ControlRequest, KilledWorker, WorkerConnections};
 use crate::protocol::worker::{FromWorker, ToWorker};
@@ -46,6 +47,8 @@ pub(super) struct Worker {
     pub(super) slot: usize,
     pub(super) pid: u32,
     pub(super) version: Arc<Version>,
+    /// The group config it was started with.
+    config: Arc<GroupConfig>,
     pub(super) lifecycle: Lifecycle,
     pub(super) spawned_at: Instant,
     /// The version string its handler reported when ready.
@@ -64,6 +67,9 @@ enum Stage {
 
 /// The supervisor state; see the module docs.
 pub struct Master {
+    /// The config as last applied, without its groups (each [`Group`]
+    /// holds its own); reloads read its file again and compare.
+    config: Config,
     pub(super) groups: Vec<Group>,
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     store: HandlerStore,
@@ -74,8 +80,6 @@ pub struct Master {
     _watch: Option<HandlerWatch>,
     /// Versions whose self-description is already in the store.
     described: std::collections::HashSet<String>,
-    /// How many recent builds the store keeps after a reload (`keep_versions`).
-    keep_versions: usize,
     /// `host stop` callers; their connections close when the master exits.
     stop_waiters: Vec<Reply>,
     next_id: u64,
@@ -96,7 +100,7 @@ pub struct Master {
 /// The reload machine reads the worker table through this.
 impl WorkerTable for Master {
     fn serving(&self, group: usize, slot: usize) -> Option<WorkerId> {
-        self.groups[group].slots[slot].serving()
+        self.groups[group].slots.get(slot)?.serving()
     }
 
     fn describe(&self, worker: WorkerId) -> Option<(u32, String)> {
@@ -114,7 +118,7 @@ impl WorkerTable for Master {
 impl Master {
     /// Binds every listener and snapshots every handler; starts nothing yet.
     pub fn new(
-        config: Config,
+        mut config: Config,
         store: HandlerStore,
         run_dir: RunDir,
         mut activated: Vec<ActivatedListener>,
@@ -123,25 +127,16 @@ impl Master {
     ) -> Result<Master> {
         let pins = pins::load_pins(&run_dir)?;
         let mut groups = Vec::new();
-        for group in config.groups {
+        for group in std::mem::take(&mut config.groups) {
             let version = pins::chosen_version(&store, &pins, &group, None)?;
-            groups.push(Group::listen(group, &mut activated, version)?);
+            groups.push(Group::listen(Arc::new(group), &mut activated, version)?);
         }
-        let watch = if config.watch {
-            let files = groups
-                .iter()
-                .enumerate()
-                .filter(|(_, g)| g.config.reloadable)
-                .map(|(i, g)| (i, g.config.handler.clone()))
-                .collect();
-            Some(HandlerWatch::start(files, events.clone())?)
-        } else {
-            None
-        };
+        let watch = watch_handlers(config.watch, &groups, &events)?;
         for unused in activated {
             tracing::warn!(fd_name = %unused.name, "socket-activated listener matches no group; closing it");
         }
         Ok(Master {
+            config,
             metrics: Metrics::default(),
             connection_queries: ConnectionQueries::default(),
             admin_addr,
@@ -151,7 +146,6 @@ impl Master {
             run_dir,
             _watch: watch,
             described: Default::default(),
-            keep_versions: config.keep_versions,
             events,
             reloads: Reloads::default(),
             stop_waiters: Vec::new(),
@@ -255,9 +249,13 @@ impl Master {
                     worker,
                     group,
                     slot,
-                    version,
+                    generation,
                 } => {
-                    if let Err(e) = self.spawn(worker, group, slot, version, Role::Replacement) {
+                    let slots = &mut self.groups[group].slots;
+                    if slots.len() <= slot {
+                        slots.resize_with(slot + 1, || WorkerSlot::new(generation.version.clone()));
+                    }
+                    if let Err(e) = self.spawn(worker, group, slot, generation, Role::Replacement) {
                         let error = format!(
                             "cannot start a worker for {}: {e:#}",
                             self.label(group, slot)
@@ -281,20 +279,29 @@ impl Master {
                 Action::Finish {
                     ok,
                     elapsed,
-                    versions,
+                    groups,
                 } => {
                     self.count_reload(ok, elapsed);
                     if !self.is_stopping() {
                         systemd::ready("serving");
                     }
-                    for (group, version) in versions {
-                        let group = &mut self.groups[group];
-                        if let Err(e) =
-                            pins::record(&self.run_dir, &group.config.name, &version.hash)
-                        {
-                            tracing::warn!("cannot record version history: {e:#}");
+                    for settled in groups {
+                        let (index, count) = (settled.group, settled.count);
+                        let group = &mut self.groups[index];
+                        if ok && count > 0 {
+                            let hash = &settled.generation.version.hash;
+                            if let Err(e) = pins::record(&self.run_dir, &group.config.name, hash) {
+                                tracing::warn!("cannot record version history: {e:#}");
+                            }
                         }
-                        group.version = version;
+                        group.settle(settled.generation, count);
+                        if group.is_removed() {
+                            tracing::info!(group = %group.config.name, "group removed");
+                        }
+                        self.retire_past(index, count);
+                    }
+                    if ok {
+                        self.rewatch();
                     }
                     if ok {
                         self.collect_store_garbage();
@@ -319,12 +326,12 @@ impl Master {
             .collect();
         // The newest build stays whatever the setting: a reload queued in watch
         // mode may hold it as its snapshot.
-        let keep = self.keep_versions.max(1);
+        let keep = self.config.keep_versions.max(1);
         match gc::collect(&self.store, &self.run_dir, &in_use, keep, false) {
             Ok((removed, _)) if !removed.is_empty() => tracing::info!(
                 removed = removed.len(),
                 "store: removed builds nothing needs (keep_versions = {})",
-                self.keep_versions
+                self.config.keep_versions
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!("store: cannot collect old builds: {e:#}"),
@@ -340,10 +347,33 @@ impl Master {
         }
     }
 
+    /// Retires the workers a group keeps no slot for (one restarted after
+    /// a crash while a reload dropped its slot).
+    fn retire_past(&mut self, group: usize, count: usize) {
+        let extra: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.group == group && w.slot >= count && w.lifecycle.is_ready())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in extra {
+            self.retire(id);
+        }
+    }
+
+    /// Watches the handler files again after a reload changed the groups.
+    fn rewatch(&mut self) {
+        match watch_handlers(self.config.watch, &self.groups, &self.events) {
+            Ok(watch) => self._watch = watch,
+            Err(e) => tracing::warn!("cannot watch the handler files: {e:#}"),
+        }
+    }
+
     /// Starts a worker to fill a slot (at start, or after a death).
     fn fill(&mut self, group: usize, slot: usize, version: Arc<Version>) -> Result<()> {
         let id = self.new_worker_id();
-        self.spawn(id, group, slot, version, Role::Fill)
+        let config = self.groups[group].config.clone();
+        self.spawn(id, group, slot, Generation { version, config }, Role::Fill)
     }
 
     /// Starts a worker process for a slot.
@@ -352,13 +382,16 @@ impl Master {
         id: WorkerId,
         group: usize,
         slot: usize,
-        version: Arc<Version>,
+        generation: Generation,
         role: Role,
     ) -> Result<()> {
-        let config = &self.groups[group].config;
+        let Generation { version, config } = generation;
         let label = format!("{}/{}", config.name, slot);
-        let spawned = spawn_worker(self.groups[group].listener(), &label, config.pool_threads)?;
-        let spec = worker_spec(config, slot, &version);
+        let listener = self.groups[group]
+            .listener_for(&config)
+            .with_context(|| format!("group {} is removed", config.name))?;
+        let spawned = spawn_worker(listener, &label, config.pool_threads)?;
+        let spec = worker_spec(&config, slot, &version);
         let (to_worker, outbox) = mpsc::unbounded_channel();
         let _ = to_worker.send(ToWorker::Start(Box::new(spec)));
         watch_worker(id, spawned.child, spawned.channel, outbox, &self.events);
@@ -373,6 +406,7 @@ impl Master {
                 slot,
                 pid: spawned.pid,
                 version,
+                config,
                 lifecycle: Lifecycle::starting(role),
                 spawned_at: Instant::now(),
                 handler_version: None,
@@ -421,7 +455,12 @@ impl Master {
             handler = %format!("{handler_name} {handler_version}"),
             "worker ready"
         );
-        let previous = self.groups[group].slots[slot].install(id, version);
+        let Some(slot_of) = self.groups[group].slots.get_mut(slot) else {
+            // Restarted after a crash while a reload dropped its slot.
+            self.retire(id);
+            return;
+        };
+        let previous = slot_of.install(id, version);
         match role {
             Role::Fill => self.check_started(),
             Role::Replacement => {
@@ -465,7 +504,7 @@ impl Master {
         if !worker.lifecycle.is_starting() {
             return None;
         }
-        let timeout = self.groups[worker.group].config.start_timeout;
+        let timeout = worker.config.start_timeout;
         self.on_start_failure(
             id,
             format!(
@@ -496,7 +535,11 @@ impl Master {
             }
             Lifecycle::Ready { since } => {
                 tracing::warn!(worker = %label, pid, "worker exited unexpectedly ({how})");
-                if self.groups[group].slots[slot].vacate(id) {
+                if self.groups[group]
+                    .slots
+                    .get_mut(slot)
+                    .is_some_and(|s| s.vacate(id))
+                {
                     self.restarts += 1;
                     self.schedule_restart(group, slot, since.elapsed() < QUICK_DEATH);
                 }
@@ -560,7 +603,11 @@ impl Master {
     }
 
     fn on_restart_due(&mut self, group: usize, slot: usize) {
-        if self.is_stopping() || self.groups[group].slots[slot].serving().is_some() {
+        // A slot a reload dropped is not restarted.
+        let Some(slot_of) = self.groups[group].slots.get(slot) else {
+            return;
+        };
+        if self.is_stopping() || slot_of.serving().is_some() {
             return;
         }
         // A reload replacement already on its way will fill the slot.
@@ -592,7 +639,7 @@ impl Master {
             return;
         }
         let _ = worker.to_worker.send(ToWorker::Drain);
-        let stop_timeout = self.groups[worker.group].config.stop_timeout;
+        let stop_timeout = worker.config.stop_timeout;
         self.after(stop_timeout, Event::StopTimeout(id));
     }
 
@@ -727,7 +774,11 @@ impl Master {
         snapshot: Option<Arc<Version>>,
     ) {
         if let Some(name) = &group {
-            if !self.groups.iter().any(|g| &g.config.name == name) {
+            if !self
+                .groups
+                .iter()
+                .any(|g| !g.is_removed() && &g.config.name == name)
+            {
                 let _ = reply.send(ControlReply::Error {
                     message: format!("no group named {name:?}"),
                 });
@@ -757,37 +808,133 @@ impl Master {
         }
     }
 
-    /// The version each targeted group is to run (the pinned one, or a
-    /// fresh snapshot of its handler file), and the groups only notified.
+    /// The config as it runs: the last one applied, with each group's own.
+    fn running_config(&self) -> Config {
+        Config {
+            groups: self
+                .groups
+                .iter()
+                .filter(|g| !g.is_removed())
+                .map(|g| (*g.config).clone())
+                .collect(),
+            ..self.config.clone()
+        }
+    }
+
+    /// Reads the config file again and plans what the reload does with
+    /// each group (of `only`, or all): the generation it is to run (its
+    /// new config, the pinned version or a fresh snapshot of its handler
+    /// file) and its slot count; groups added are bound and take their
+    /// index, moved groups bind their new address. Anything that fails
+    /// refuses the reload with nothing changed.
     fn plan_reload(
-        &self,
+        &mut self,
         only: Option<&str>,
         snapshot: Option<Arc<Version>>,
     ) -> Result<ReloadPlan> {
+        let new = self
+            .config
+            .reread()
+            .map_err(|e| anyhow::anyhow!("{e:#}; nothing changed"))?;
+        let change = config_change::compare(&self.running_config(), &new);
+        if !change.needs_restart.is_empty() {
+            bail!(
+                "{} only take effect with a restart (`host restart`); nothing changed",
+                change.needs_restart.join("; ")
+            );
+        }
         let pins = pins::load_pins(&self.run_dir)?;
         let mut plan = ReloadPlan::default();
-        for (index, g) in self.groups.iter().enumerate() {
-            if only.is_some_and(|name| name != g.config.name) {
+        let mut added = Vec::new();
+        let mut moves = Vec::new();
+        for edit in change.groups {
+            if only.is_some_and(|name| name != edit.name()) {
                 continue;
             }
-            if !g.config.reloadable {
-                plan.notified.push((index, g.config.name.clone()));
-                continue;
-            }
-            // A snapshot is of one file: it stands for the groups loading it.
-            let fresh = snapshot.clone().filter(|s| s.source == g.config.handler);
-            plan.targets.push(Target {
-                group: index,
-                name: g.config.name.clone(),
-                slots: g.slots.len(),
-                from: g.version.clone(),
-                to: pins::chosen_version(&self.store, &pins, &g.config, fresh)?,
-            });
+            plan.config_changes.extend(edit.describe());
+            let index = self
+                .groups
+                .iter()
+                .position(|g| !g.is_removed() && g.config.name == edit.name());
+            let target = match (edit, index) {
+                (GroupEdit::Kept { config, .. }, Some(index)) => {
+                    let group = &self.groups[index];
+                    if !group.config.reloadable {
+                        plan.notified.push((index, config.name));
+                        continue;
+                    }
+                    // A snapshot is of one file: it stands for the groups loading it.
+                    let fresh = snapshot.clone().filter(|s| s.source == config.handler);
+                    let version = pins::chosen_version(&self.store, &pins, &config, fresh)?;
+                    if config.listen != group.config.listen {
+                        moves.push((index, MovedListener::bind(&config)?));
+                    }
+                    Target {
+                        group: index,
+                        name: config.name.clone(),
+                        slots: group.slots.len(),
+                        count: config.count,
+                        from: Generation {
+                            version: group.version.clone(),
+                            config: group.config.clone(),
+                        },
+                        to: Generation {
+                            version,
+                            config: Arc::new(config),
+                        },
+                    }
+                }
+                (GroupEdit::Added(config), _) => {
+                    let version = pins::chosen_version(&self.store, &pins, &config, None)?;
+                    let config = Arc::new(config);
+                    added.push(Group::added(config.clone(), version.clone())?);
+                    let generation = Generation { version, config };
+                    Target {
+                        group: self.groups.len() + added.len() - 1,
+                        name: generation.config.name.clone(),
+                        slots: 0,
+                        count: generation.config.count,
+                        from: generation.clone(),
+                        to: generation,
+                    }
+                }
+                (GroupEdit::Removed(name), Some(index)) => {
+                    let group = &self.groups[index];
+                    let generation = Generation {
+                        version: group.version.clone(),
+                        config: group.config.clone(),
+                    };
+                    Target {
+                        group: index,
+                        name,
+                        slots: group.slots.len(),
+                        count: 0,
+                        from: generation.clone(),
+                        to: generation,
+                    }
+                }
+                (edit, None) => bail!("group {} is not running", edit.name()),
+            };
+            plan.targets.push(target);
+        }
+        // Nothing failed: the plan can change the table now. The file's
+        // other settings apply from now on (`watch` as the host started).
+        self.config = Config {
+            groups: Vec::new(),
+            watch: self.config.watch,
+            ..new
+        };
+        self.groups.extend(added);
+        for (index, listener) in moves {
+            self.groups[index].move_to(listener);
         }
         Ok(plan)
     }
 
     fn on_handler_changed(&mut self, group: usize) {
+        if self.groups[group].is_removed() {
+            return;
+        }
         let name = self.groups[group].config.name.clone();
         if pins::load_pins(&self.run_dir).is_ok_and(|pins| pins.contains_key(&name)) {
             tracing::info!(group = %name, "handler file changed, but the group is pinned; not reloading");
@@ -876,4 +1023,22 @@ fn is_not_found(error: &anyhow::Error) -> bool {
 
 fn humantime_secs(duration: Duration) -> String {
     format!("{:.1} s", duration.as_secs_f64())
+}
+
+/// Watches the handler file of each reloadable group, in watch mode.
+fn watch_handlers(
+    watch: bool,
+    groups: &[Group],
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<Option<HandlerWatch>> {
+    if !watch {
+        return Ok(None);
+    }
+    let files = groups
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.config.reloadable && !g.is_removed())
+        .map(|(i, g)| (i, g.config.handler.clone()))
+        .collect();
+    Ok(Some(HandlerWatch::start(files, events.clone())?))
 }

@@ -200,6 +200,10 @@ pub struct GroupChange {
     pub from: String,
     /// Short hash after (the same as `from` when the reload failed).
     pub to: String,
+    /// Short hash the reload was to put in place (refused when the reload
+    /// failed).
+    #[serde(default)]
+    pub wanted: String,
 }
 
 /// The result of a reload.
@@ -211,6 +215,11 @@ pub struct ReloadOutcome {
     pub error: Option<String>,
     /// Version per reloaded group.
     pub groups: Vec<GroupChange>,
+    /// What the reload changed of the config, one line per group
+    /// (`web: count 2 -> 3`, `new group ws on 127.0.0.1:9000`); empty
+    /// when the file was as the host ran it.
+    #[serde(default)]
+    pub config_changes: Vec<String>,
     /// Groups that are not reloadable and were only notified.
     pub notified: Vec<String>,
     /// From the request to every replacement ready.
@@ -260,6 +269,7 @@ mod tests {
                 ok: true,
                 error: None,
                 groups: Vec::new(),
+                config_changes: Vec::new(),
                 notified: Vec::new(),
                 ready_ms: 0,
                 done_ms: 0,
