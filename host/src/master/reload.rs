@@ -262,6 +262,16 @@ impl Reloads {
         self.running.is_some()
     }
 
+    /// Whether the running reload drops a slot (a smaller `count`, a
+    /// removed group): it is not to get a new worker.
+    pub fn drops(&self, group: usize, slot: usize) -> bool {
+        self.running.as_ref().is_some_and(|run| {
+            run.targets
+                .iter()
+                .any(|t| t.group == group && slot >= t.count && slot < t.slots)
+        })
+    }
+
     /// Someone asked for a reload: it starts now, or is queued behind the
     /// running one (merging with a reload already queued).
     pub fn reload_requested(
@@ -1221,6 +1231,18 @@ mod tests {
         assert_eq!(b.gone(w(1)), Vec::<String>::new());
         assert_eq!(b.gone(w(2)), Vec::<String>::new());
         assert_eq!(b.gone(w(3)), ["finish ok=true 0=v2x1", "reloaded ok to 1"]);
+    }
+
+    #[test]
+    fn the_slots_a_reload_drops_are_known_while_it_runs() {
+        let mut b = bench_to_count(3, 1);
+        assert!(!b.reloads.drops(0, 2), "no reload runs");
+        b.reload();
+        assert_eq!(
+            [0, 1, 2].map(|slot| b.reloads.drops(0, slot)),
+            [false, true, true]
+        );
+        assert!(!b.reloads.drops(1, 2), "another group");
     }
 
     #[test]

@@ -298,7 +298,6 @@ impl Master {
                         if group.is_removed() {
                             tracing::info!(group = %group.config.name, "group removed");
                         }
-                        self.retire_past(index, count);
                     }
                     if ok {
                         self.rewatch();
@@ -344,20 +343,6 @@ impl Master {
             self.reloads_ok += 1;
         } else {
             self.reloads_failed += 1;
-        }
-    }
-
-    /// Retires the workers a group keeps no slot for (one restarted after
-    /// a crash while a reload dropped its slot).
-    fn retire_past(&mut self, group: usize, count: usize) {
-        let extra: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.group == group && w.slot >= count && w.lifecycle.is_ready())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in extra {
-            self.retire(id);
         }
     }
 
@@ -455,8 +440,9 @@ impl Master {
             handler = %format!("{handler_name} {handler_version}"),
             "worker ready"
         );
-        let Some(slot_of) = self.groups[group].slots.get_mut(slot) else {
-            // Restarted after a crash while a reload dropped its slot.
+        let dropped = self.reloads.drops(group, slot);
+        let Some(slot_of) = self.groups[group].slots.get_mut(slot).filter(|_| !dropped) else {
+            // Restarted after a crash while a reload drops its slot.
             self.retire(id);
             return;
         };
@@ -603,10 +589,13 @@ impl Master {
     }
 
     fn on_restart_due(&mut self, group: usize, slot: usize) {
-        // A slot a reload dropped is not restarted.
+        // A slot a reload drops, or dropped, is not restarted.
         let Some(slot_of) = self.groups[group].slots.get(slot) else {
             return;
         };
+        if self.reloads.drops(group, slot) {
+            return;
+        }
         if self.is_stopping() || slot_of.serving().is_some() {
             return;
         }
