@@ -336,6 +336,10 @@ fn a_failed_reload_puts_back_workers_already_replaced() {
     assert_eq!(steps, [(0, false), (0, true)], "{report:#}");
     let change = &report["groups"][0];
     assert_eq!(change["to"], change["from"], "{report:#}");
+    assert_ne!(
+        change["wanted"], change["from"],
+        "the refused version: {report:#}"
+    );
     assert_all_serve(&host, "v1");
     let report = finish(load);
     assert_eq!(report.failed(), 0, "{report:?}");
@@ -734,4 +738,34 @@ fn a_worker_crash_during_a_reload_is_refilled_with_the_right_version() {
     let pids = host.worker_pids();
     assert!(!pids.contains(&victim));
     assert!(pids.iter().all(|pid| !old.contains(pid)));
+}
+
+#[test]
+fn reload_says_which_replacement_it_waits_on_while_it_starts() {
+    let (host, cues) = start_cued("waiting", 1, "");
+    Cues::hold(&cues.start);
+    host.dir.install(CUED_NEXT, "handler.so");
+    let mut reload = reload_in_background(&host);
+    let mut line = None;
+    wait_until("reload says what it waits on", || {
+        line = reload
+            .output_so_far()
+            .lines()
+            .find(|l| l.starts_with("web/0: pid ") && l.contains(" loading "))
+            .map(str::to_owned);
+        line.is_some() || reload.exited()
+    });
+    let line = line.expect("a progress line while the replacement starts");
+    assert!(line.ends_with("s of start_timeout 1m"), "{line}");
+    let starting = host.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["state"] == "starting")
+        .map(|w| w["pid"].to_string())
+        .expect("the replacement is starting");
+    assert!(line.contains(&format!("pid {starting} ")), "{line}");
+    Cues::release(&cues.start);
+    let output = reload.wait();
+    assert!(output.status.success(), "{}", text(&output));
 }

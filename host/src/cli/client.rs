@@ -13,7 +13,8 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::config::{Config, RunDir};
 use crate::protocol::control::{
-    ControlReply, ControlRequest, ReloadOutcome, ReloadStep, StatusReport, WorkerConnections,
+    ControlReply, ControlRequest, ReloadOutcome, ReloadStep, StatusReport, WaitingWorker,
+    WorkerConnections,
 };
 
 /// Why the CLI could not reach the master.
@@ -61,6 +62,8 @@ pub enum ReloadNews {
     Queued(String),
     /// A slot got its replacement.
     Step(ReloadStep),
+    /// A replacement is still starting.
+    Waiting(WaitingWorker),
 }
 
 /// Connects to the master of `config`.
@@ -122,6 +125,7 @@ impl ControlClient {
             match reply? {
                 ControlReply::Accepted { message } => news(ReloadNews::Queued(message)),
                 ControlReply::Progress(step) => news(ReloadNews::Step(step)),
+                ControlReply::Waiting(waiting) => news(ReloadNews::Waiting(waiting)),
                 ControlReply::Reloaded(outcome) => return Ok(outcome),
                 ControlReply::Error { message } => bail!("reload refused: {message}"),
                 ControlReply::Status(_) | ControlReply::Connections { .. } => {}

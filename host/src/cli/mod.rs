@@ -387,10 +387,13 @@ fn connections(config: &Config, json: bool) -> Result<ExitCode> {
 /// Reloads and shows it; exits 0 only if the reload worked.
 fn reload(master: ControlClient, group: Option<String>, json: bool) -> Result<ExitCode> {
     let mut steps = Vec::new();
+    let mut waits = Vec::new();
     let outcome = master.reload(group, |news| match news {
         ReloadNews::Queued(message) => eprintln!("host: {message}"),
         ReloadNews::Step(step) if json => steps.push(step),
         ReloadNews::Step(step) => println!("{}", render::describe_step(&step)),
+        ReloadNews::Waiting(waiting) if json => waits.push(waiting),
+        ReloadNews::Waiting(waiting) => println!("{}", render::describe_wait(&waiting)),
     })?;
     if !json {
         return Ok(render::print_outcome(&outcome));
@@ -400,7 +403,11 @@ fn reload(master: ControlClient, group: Option<String>, json: bool) -> Result<Ex
     } else {
         ExitCode::FAILURE
     };
-    let report = render::ReloadReport { steps, outcome };
+    let report = render::ReloadReport {
+        steps,
+        waits,
+        outcome,
+    };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(code)
 }

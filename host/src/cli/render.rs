@@ -3,11 +3,12 @@
 //! same data as JSON instead, for scripts and tests.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::protocol::control::{
-    GroupChange, ReloadOutcome, ReloadStep, StatusReport, WorkerConnections,
+    GroupChange, ReloadOutcome, ReloadStep, StatusReport, WaitingWorker, WorkerConnections,
 };
 
 /// `host status`.
@@ -124,6 +125,22 @@ pub fn describe_step(step: &ReloadStep) -> String {
     )
 }
 
+/// One line about a replacement a reload still waits on:
+/// `web/0: pid 4188 loading 7c55a1e2, 3 s of start_timeout 10s`.
+pub fn describe_wait(waiting: &WaitingWorker) -> String {
+    format!(
+        "{}/{}: pid {} loading {}, {} s of start_timeout {}",
+        waiting.group,
+        waiting.slot,
+        waiting.pid,
+        waiting.version,
+        waiting.waited_ms / 1000,
+        humantime_serde::re::humantime::format_duration(Duration::from_millis(
+            waiting.start_timeout_ms
+        ))
+    )
+}
+
 /// How a reload ended; the exit code says whether it worked.
 pub fn print_outcome(outcome: &ReloadOutcome) -> ExitCode {
     for killed in &outcome.killed {
@@ -201,6 +218,8 @@ pub fn mib(bytes: u64) -> String {
 pub struct ReloadReport {
     /// Each slot replaced (or put back), in order.
     pub steps: Vec<ReloadStep>,
+    /// Each report of a replacement still starting, in order.
+    pub waits: Vec<WaitingWorker>,
     /// How it ended.
     #[serde(flatten)]
     pub outcome: ReloadOutcome,

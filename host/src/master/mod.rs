@@ -52,6 +52,9 @@ pub enum Event {
     StartTimeout(WorkerId),
     /// A retiring worker's stop timeout elapsed.
     StopTimeout(WorkerId),
+    /// A reload replacement was spawned a while ago: if the reload still
+    /// waits on it, its callers hear how long.
+    StillStarting(WorkerId),
     /// A slot's restart backoff elapsed.
     RestartDue {
         /// Group index.

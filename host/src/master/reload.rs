@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 use super::lifecycle::WorkerId;
 use crate::config::GroupConfig;
 use crate::protocol::control::{
-    ControlReply, GroupChange, KilledWorker, ReloadOutcome, ReloadStep,
+    ControlReply, GroupChange, KilledWorker, ReloadOutcome, ReloadStep, WaitingWorker,
 };
 use crate::versions::store::Version;
 
@@ -394,6 +394,30 @@ impl Reloads {
         let mut actions = run.replacement_ready(worker, previous, table);
         actions.extend(run.advance(table));
         self.settle(actions)
+    }
+
+    /// A replacement spawned a while ago may still be starting: if the
+    /// reload still waits on it, tell the callers how long it has waited.
+    /// Nothing when it does not.
+    pub fn still_starting(&self, worker: WorkerId, table: &impl WorkerTable) -> Vec<Action> {
+        let Some(run) = &self.running else {
+            return Vec::new();
+        };
+        let Some(step) = run.step.as_ref().filter(|s| s.worker == worker) else {
+            return Vec::new();
+        };
+        let waiting = WaitingWorker {
+            group: run.target(step.group).name.clone(),
+            slot: step.slot,
+            pid: table.describe(worker).map_or(0, |(pid, _)| pid),
+            version: step.generation.version.short().to_owned(),
+            waited_ms: step.spawned.elapsed().as_millis() as u64,
+            start_timeout_ms: step.generation.config.start_timeout.as_millis() as u64,
+        };
+        vec![Action::Reply {
+            to: run.waiters.clone(),
+            reply: ControlReply::Waiting(waiting),
+        }]
     }
 
     /// A replacement failed to spawn or to start (it was sent SIGKILL);
@@ -959,6 +983,14 @@ mod tests {
                             format!("reloaded {ok} to {}", to.len())
                         }
                         ControlReply::Accepted { .. } => format!("queued to {}", to.len()),
+                        ControlReply::Waiting(waiting) => format!(
+                            "waiting {}/{} pid {} {} of {} ms",
+                            waiting.group,
+                            waiting.slot,
+                            waiting.pid,
+                            waiting.version,
+                            waiting.start_timeout_ms
+                        ),
                         ControlReply::Error { message } => {
                             format!("error to {}: {message}", to.len())
                         }
@@ -1231,6 +1263,19 @@ mod tests {
         assert_eq!(b.gone(w(1)), Vec::<String>::new());
         assert_eq!(b.gone(w(2)), Vec::<String>::new());
         assert_eq!(b.gone(w(3)), ["finish ok=true 0=v2x1", "reloaded ok to 1"]);
+    }
+
+    #[test]
+    fn callers_hear_of_the_replacement_the_reload_waits_on_and_of_no_other() {
+        let mut b = bench(2);
+        b.reload();
+        let actions = b.reloads.still_starting(w(3), &b.table);
+        assert_eq!(b.render(actions), ["waiting web/0 pid 1003 v2 of 10000 ms"]);
+        b.ready(w(3));
+        let actions = b.reloads.still_starting(w(3), &b.table);
+        assert!(actions.is_empty(), "ready: nothing to wait on");
+        let actions = b.reloads.still_starting(w(4), &b.table);
+        assert_eq!(b.render(actions), ["waiting web/1 pid 1004 v2 of 10000 ms"]);
     }
 
     #[test]

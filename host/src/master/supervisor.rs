@@ -41,6 +41,9 @@ use crate::protocol::worker::{FromWorker, ToWorker};
 use crate::versions::store::{HandlerStore, Version};
 use crate::versions::{gc, pins};
 
+/// How often `host reload` hears of a replacement that is still starting.
+const WAITING_REPORT: Duration = Duration::from_secs(1);
+
 /// One worker process.
 pub(super) struct Worker {
     pub(super) group: usize,
@@ -211,6 +214,13 @@ impl Master {
             Event::StartTimeout(id) => return self.on_start_timeout(id),
             Event::Exited(id, status) => return self.on_exit(id, status),
             Event::StopTimeout(id) => self.on_stop_timeout(id),
+            Event::StillStarting(id) => {
+                let actions = self.reloads.still_starting(id, &*self);
+                if !actions.is_empty() {
+                    self.carry_out(actions);
+                    self.after(WAITING_REPORT, Event::StillStarting(id));
+                }
+            }
             Event::RestartDue { group, slot } => self.on_restart_due(group, slot),
             Event::Control(request, reply) => self.on_control(request, reply),
             Event::Signal(action) => self.on_signal(action),
@@ -255,6 +265,7 @@ impl Master {
                     if slots.len() <= slot {
                         slots.resize_with(slot + 1, || WorkerSlot::new(generation.version.clone()));
                     }
+                    self.after(WAITING_REPORT, Event::StillStarting(worker));
                     if let Err(e) = self.spawn(worker, group, slot, generation, Role::Replacement) {
                         let error = format!(
                             "cannot start a worker for {}: {e:#}",

@@ -39,6 +39,9 @@ pub enum ControlReply {
     },
     /// A line of reload progress.
     Progress(ReloadStep),
+    /// A reload still waits on a replacement's ready report (sent about
+    /// once a second while it does).
+    Waiting(WaitingWorker),
     /// The outcome of a reload.
     Reloaded(ReloadOutcome),
     /// A request was taken; more may follow.
@@ -176,6 +179,23 @@ pub struct ReloadStep {
     pub rollback: bool,
 }
 
+/// A replacement a reload waits on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WaitingWorker {
+    /// Group name.
+    pub group: String,
+    /// Slot within the group.
+    pub slot: usize,
+    /// Process id.
+    pub pid: u32,
+    /// Short hash of the version it loads.
+    pub version: String,
+    /// Since it was spawned.
+    pub waited_ms: u64,
+    /// How long it may take before it is refused.
+    pub start_timeout_ms: u64,
+}
+
 /// A worker killed because it did not finish within its stop timeout.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KilledWorker {
@@ -274,6 +294,14 @@ mod tests {
                 ready_ms: 0,
                 done_ms: 0,
                 killed: Vec::new(),
+            }),
+            ControlReply::Waiting(WaitingWorker {
+                group: "web".into(),
+                slot: 0,
+                pid: 2,
+                version: "abc".into(),
+                waited_ms: 1000,
+                start_timeout_ms: 10000,
             }),
             ControlReply::Accepted {
                 message: "m".into(),
