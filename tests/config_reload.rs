@@ -216,6 +216,13 @@ fn a_config_that_does_not_parse_is_refused_by_sighup_and_nothing_changes() {
     });
     assert!(host.log().contains("invalid config"), "{}", host.log());
     assert_eq!(host.worker_pids(), pids);
+    let failed = &host.status()["groups"][0]["last_failed_reload"];
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invalid config")),
+        "{failed:#}"
+    );
 }
 
 #[test]

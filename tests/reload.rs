@@ -769,3 +769,39 @@ fn reload_says_which_replacement_it_waits_on_while_it_starts() {
     let output = reload.wait();
     assert!(output.status.success(), "{}", text(&output));
 }
+
+#[test]
+fn status_shows_a_pin_a_handler_file_not_loaded_yet_and_the_last_failed_reload() {
+    let host = start_with("visible", Variant::SampleV1, 1, "start_timeout = \"3s\"");
+    let running = group_version(&host);
+    let group = host.status()["groups"][0].clone();
+    assert_eq!(group["on_disk"], running, "{group:#}");
+    assert!(group["pinned"].is_null() && group["last_failed_reload"].is_null());
+
+    host.dir.install(Variant::SampleV2, "handler.so");
+    let group = host.status()["groups"][0].clone();
+    assert!(
+        group["on_disk"].is_string() && group["on_disk"] != running,
+        "{group:#}"
+    );
+    let shown = text(&host.cli(&["status"]));
+    assert!(shown.contains("handler file on disk is "), "{shown}");
+
+    host.dir.install(Variant::Faulty("error"), "handler.so");
+    assert!(!reload(&host).status.success());
+    let failed = host.status()["groups"][0]["last_failed_reload"].clone();
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("failed to start")),
+        "{failed:#}"
+    );
+    assert!(failed["at_unix_secs"].as_u64().is_some_and(|t| t > 0));
+    let shown = text(&host.cli(&["status"]));
+    assert!(shown.contains("last failed reload "), "{shown}");
+
+    let output = host.cli(&["pin", &running]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(host.status()["groups"][0]["pinned"], running);
+    assert!(text(&host.cli(&["status"])).contains(&format!("pinned to {running}")));
+}

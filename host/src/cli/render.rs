@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::protocol::control::{
-    GroupChange, ReloadOutcome, ReloadStep, StatusReport, WaitingWorker, WorkerConnections,
+    GroupChange, GroupStatus, ReloadOutcome, ReloadStep, StatusReport, WaitingWorker,
+    WorkerConnections,
 };
 
 /// `host status`.
@@ -40,6 +41,9 @@ pub fn print_status(report: &StatusReport) {
                 "  (not reloadable)"
             }
         );
+        for line in group_notes(group) {
+            println!("  {line}");
+        }
     }
     println!(
         "{:<12} {:>4} {:>8} {:<9} {:<12} {:<10} {:>8} {:>10} {:>8} {:>6} {:>9}",
@@ -71,6 +75,41 @@ pub fn print_status(report: &StatusReport) {
             mib(w.rss_bytes)
         );
     }
+}
+
+/// What `host status` says under a group line: its pin, a handler file
+/// that differs from what runs, its last failed reload.
+fn group_notes(group: &GroupStatus) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(pinned) = &group.pinned {
+        notes.push(format!(
+            "pinned to {pinned} (`host unpin` follows the handler file again)"
+        ));
+    }
+    match &group.on_disk {
+        Some(on_disk) if *on_disk != group.version => notes.push(format!(
+            "handler file on disk is {on_disk}, not the {} running{}",
+            group.version,
+            if group.pinned.is_some() {
+                ""
+            } else {
+                " (`host reload` loads it)"
+            }
+        )),
+        Some(_) => {}
+        None => notes.push(format!("handler file {} cannot be read", group.handler)),
+    }
+    if let Some(failed) = &group.last_failed_reload {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        notes.push(format!(
+            "last failed reload {} ago: {}",
+            duration(now.saturating_sub(failed.at_unix_secs) as f64),
+            failed.error
+        ));
+    }
+    notes
 }
 
 /// `host connections`.

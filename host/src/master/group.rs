@@ -20,6 +20,7 @@ use super::reload::Generation;
 use super::slot::WorkerSlot;
 use super::systemd::ActivatedListener;
 use crate::config::GroupConfig;
+use crate::protocol::control::FailedReload;
 use crate::versions::store::Version;
 
 /// A group of identical workers on one listener.
@@ -36,6 +37,8 @@ pub struct Group {
     pub version: Arc<Version>,
     /// Its positions, each with at most one serving worker.
     pub slots: Vec<WorkerSlot>,
+    /// The last reload of this group that failed or was refused.
+    pub last_failed_reload: Option<FailedReload>,
 }
 
 impl Group {
@@ -73,6 +76,7 @@ impl Group {
             addr,
             version,
             slots,
+            last_failed_reload: None,
         })
     }
 

@@ -12,6 +12,7 @@ mod config_change;
 mod connections;
 mod control;
 mod group;
+mod handler_files;
 mod lifecycle;
 mod metrics;
 mod privileges;

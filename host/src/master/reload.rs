@@ -125,8 +125,9 @@ pub enum Action {
     /// with none is removed, and its listener, or the one it moved from,
     /// closed.
     Finish {
-        /// Whether every targeted slot runs the new generation.
-        ok: bool,
+        /// Why it failed; `None` when every targeted slot runs the new
+        /// generation.
+        error: Option<String>,
         /// From the request to the end.
         elapsed: Duration,
         /// What each targeted group keeps.
@@ -745,7 +746,7 @@ impl ReloadRun {
         }
         vec![
             Action::Finish {
-                ok,
+                error: outcome.error.clone(),
                 elapsed,
                 groups: settled,
             },
@@ -996,7 +997,8 @@ mod tests {
                         }
                         other => panic!("a reload does not send {other:?}"),
                     },
-                    Action::Finish { ok, groups, .. } => {
+                    Action::Finish { error, groups, .. } => {
+                        let ok = error.is_none();
                         self.settled = groups.clone();
                         let groups: Vec<String> = groups
                             .iter()

@@ -6,10 +6,13 @@ use super::group::Group;
 use super::supervisor::Master;
 use crate::counters::WorkerCounters;
 use crate::protocol::control::{GroupStatus, StatusReport, WorkerStatus};
+use crate::versions::pins;
+use crate::versions::store::short;
 
 impl Master {
     /// What `host status` shows.
     pub(super) fn status(&self) -> StatusReport {
+        let pins = pins::load_pins(&self.run_dir).unwrap_or_default();
         let groups = self
             .groups
             .iter()
@@ -23,6 +26,12 @@ impl Master {
                 slot_versions: g.slots.iter().map(|s| s.version().hash.clone()).collect(),
                 handler: g.config.handler.display().to_string(),
                 ready: self.ready_workers(g),
+                pinned: pins.get(&g.config.name).map(|hash| short(hash).to_owned()),
+                on_disk: self
+                    .handler_files
+                    .hash(&g.config.handler)
+                    .map(|hash| short(&hash).to_owned()),
+                last_failed_reload: g.last_failed_reload.clone(),
             })
             .collect();
         let workers = self

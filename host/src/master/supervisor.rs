@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use super::config_change::{self, GroupEdit};
 use super::connections::{self, ConnectionQueries};
 use super::group::{Group, MovedListener};
+use super::handler_files::HandlerFiles;
 use super::lifecycle::{Lifecycle, Role, WorkerId};
 use super::metrics::Metrics;
 use super::reload::{Action, Generation, ReloadPlan, Reloads, Reply, Target, WorkerTable};
@@ -36,7 +37,9 @@ use super::watch::HandlerWatch;
 use super::{report_ready, Event, SignalAction};
 use crate::config::{Config, GroupConfig, RunDir};
 use crate::counters::{SharedCounters, WorkerCounters};
-use crate::protocol::control::{ControlReply, ControlRequest, KilledWorker, WorkerConnections};
+use crate::protocol::control::{
+    ControlReply, ControlRequest, FailedReload, KilledWorker, WorkerConnections,
+};
 use crate::protocol::worker::{FromWorker, ToWorker};
 use crate::versions::store::{HandlerStore, Version};
 use crate::versions::{gc, pins};
@@ -76,7 +79,7 @@ pub struct Master {
     pub(super) groups: Vec<Group>,
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     store: HandlerStore,
-    run_dir: RunDir,
+    pub(super) run_dir: RunDir,
     events: mpsc::UnboundedSender<Event>,
     pub(super) reloads: Reloads,
     /// Keeps the handler-file watch alive (watch mode only).
@@ -93,6 +96,8 @@ pub struct Master {
     connection_queries: ConnectionQueries,
     /// Request, worker and reload metrics.
     pub(super) metrics: Metrics,
+    /// The hash of each handler file on disk, for status.
+    pub(super) handler_files: HandlerFiles,
     /// Where the admin listener listens.
     pub(super) admin_addr: Option<SocketAddr>,
     /// Finished reloads, by result.
@@ -142,6 +147,7 @@ impl Master {
             config,
             metrics: Metrics::default(),
             connection_queries: ConnectionQueries::default(),
+            handler_files: HandlerFiles::default(),
             admin_addr,
             groups,
             workers: BTreeMap::new(),
@@ -288,10 +294,11 @@ impl Master {
                     }
                 }
                 Action::Finish {
-                    ok,
+                    error,
                     elapsed,
                     groups,
                 } => {
+                    let ok = error.is_none();
                     self.count_reload(ok, elapsed);
                     if !self.is_stopping() {
                         systemd::ready("serving");
@@ -306,6 +313,9 @@ impl Master {
                             }
                         }
                         group.settle(settled.generation, count);
+                        if let Some(error) = &error {
+                            group.last_failed_reload = Some(failed_reload(error));
+                        }
                         if group.is_removed() {
                             tracing::info!(group = %group.config.name, "group removed");
                         }
@@ -803,6 +813,12 @@ impl Master {
             }
             Err(e) => {
                 let error = format!("{e:#}");
+                let targeted = self.groups.iter_mut().filter(|g| {
+                    !g.is_removed() && group.as_ref().is_none_or(|name| *name == g.config.name)
+                });
+                for target in targeted {
+                    target.last_failed_reload = Some(failed_reload(&error));
+                }
                 self.ask_reloads(|reloads, _| reloads.refused(error, waiters, started));
             }
         }
@@ -1009,6 +1025,17 @@ impl Master {
                 }
             }
         }
+    }
+}
+
+/// A reload that failed now with `error`.
+fn failed_reload(error: &str) -> FailedReload {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    FailedReload {
+        at_unix_secs: at.as_secs(),
+        error: error.to_owned(),
     }
 }
 

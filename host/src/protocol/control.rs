@@ -117,6 +117,25 @@ pub struct GroupStatus {
     pub handler: String,
     /// Workers of this group that are ready.
     pub ready: usize,
+    /// Short hash of the version the group is pinned to, if it is.
+    #[serde(default)]
+    pub pinned: Option<String>,
+    /// Short hash of the handler file on disk now (`None` when it cannot
+    /// be read); differs from `version` when a build is not reloaded yet.
+    #[serde(default)]
+    pub on_disk: Option<String>,
+    /// The last reload of this group that failed or was refused.
+    #[serde(default)]
+    pub last_failed_reload: Option<FailedReload>,
+}
+
+/// A reload that failed, as `host status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailedReload {
+    /// When it ended, in seconds since the Unix epoch.
+    pub at_unix_secs: u64,
+    /// Why.
+    pub error: String,
 }
 
 /// Where a worker is in its life.
