@@ -271,3 +271,53 @@ fn a_refused_reload_names_the_refused_version_and_the_one_still_serving() {
         .unwrap_or_else(|| panic!("no refused version in: {shown}"));
     assert_ne!(refused, serving, "{shown}");
 }
+
+#[test]
+fn a_handler_path_change_replaces_the_workers_under_load() {
+    let (host, handler) = start("handler-path", 2, "");
+    let next = host.dir.install(Variant::SampleV2, "next.so");
+    let load = steady_load(host.addr, 32);
+    edit(&host, &one_group_config(&next, 2, ""));
+    let (ok, report) = reload_json(&host);
+    assert!(ok, "{report:#}");
+    assert_eq!(
+        config_changes(&report),
+        [format!(
+            "web: handler {} -> {}",
+            handler.display(),
+            next.display()
+        )]
+    );
+    assert_all_serve(&host, "v2");
+    let report = load.stop();
+    assert_eq!(report.failed(), 0, "{report:?}");
+}
+
+#[test]
+fn reload_of_one_group_applies_only_that_groups_edits() {
+    let dir = TestDir::new("one-group");
+    let handler = dir.install(Variant::SampleV1, "handler.so");
+    let two = |web: usize, api: usize| {
+        format!(
+            "{}\n[[group]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\ncount = {api}\nhandler = {:?}\n",
+            one_group_config(&handler, web, ""),
+            handler.display().to_string()
+        )
+    };
+    let host = Host::start(dir, &two(1, 1));
+    edit(&host, &two(2, 2));
+    let output = host.cli(&["reload", "--group", "web", "--json"]);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(output.status.success(), "{report:#}");
+    assert_eq!(config_changes(&report), ["web: count 1 -> 2"]);
+    assert_eq!(group(&host, "web")["count"], 2);
+    assert_eq!(
+        group(&host, "api")["count"],
+        1,
+        "api's edit waits for its own reload"
+    );
+    let (ok, report) = reload_json(&host);
+    assert!(ok, "{report:#}");
+    assert_eq!(config_changes(&report), ["api: count 1 -> 2"]);
+    assert_eq!(group(&host, "api")["count"], 2);
+}
