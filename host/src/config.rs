@@ -116,9 +116,57 @@ pub struct GroupConfig {
     /// request is answered `408` and the connection closed.
     #[serde(default = "default_body_timeout", with = "humantime_serde")]
     pub body_timeout: Duration,
+    /// Where each worker writes one line per answered request: a file
+    /// (relative to the config's directory) or `"stderr"`; off when unset.
+    #[serde(default)]
+    pub access_log: Option<AccessLogTarget>,
+    /// The access log's line format.
+    #[serde(default)]
+    pub access_log_format: AccessLogFormat,
     /// Free-form settings handed to the handler's start callback.
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
+}
+
+/// Where a group's access log goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PathBuf", into = "PathBuf")]
+pub enum AccessLogTarget {
+    /// The worker's stderr (the host's log when daemonized).
+    Stderr,
+    /// A file, opened with `O_APPEND` by every worker of the group.
+    File(PathBuf),
+}
+
+impl From<PathBuf> for AccessLogTarget {
+    fn from(path: PathBuf) -> AccessLogTarget {
+        if path.as_os_str() == "stderr" {
+            AccessLogTarget::Stderr
+        } else {
+            AccessLogTarget::File(path)
+        }
+    }
+}
+
+impl From<AccessLogTarget> for PathBuf {
+    fn from(target: AccessLogTarget) -> PathBuf {
+        match target {
+            AccessLogTarget::Stderr => PathBuf::from("stderr"),
+            AccessLogTarget::File(path) => path,
+        }
+    }
+}
+
+/// The access log's line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// The Common Log Format, then the duration in microseconds, the group
+    /// and the worker's pid.
+    #[default]
+    Common,
+    /// One JSON object per line.
+    Json,
 }
 
 fn default_run_dir() -> PathBuf {
@@ -336,6 +384,9 @@ impl Config {
                 }
             }
             group.handler = base.join(&group.handler);
+            if let Some(AccessLogTarget::File(path)) = &mut group.access_log {
+                *path = base.join(&*path);
+            }
         }
         Ok(self)
     }
@@ -441,6 +492,31 @@ mod tests {
         assert_eq!(config.groups[0].handler, Path::new("/srv/app/lib/h.so"));
         assert!(config.groups[0].reloadable);
         assert_eq!(config.groups[0].stop_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_access_log_is_off_by_default_and_resolves_like_any_path() {
+        let group = |extra: &str| {
+            parse(&format!(
+                "[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h.so\"\n{extra}"
+            ))
+            .unwrap()
+            .groups
+            .remove(0)
+        };
+        let off = group("");
+        assert_eq!(off.access_log, None);
+        assert_eq!(off.access_log_format, AccessLogFormat::Common);
+        assert_eq!(
+            group("access_log = \"stderr\"").access_log,
+            Some(AccessLogTarget::Stderr)
+        );
+        let file = group("access_log = \"logs/access.log\"\naccess_log_format = \"json\"");
+        assert_eq!(
+            file.access_log,
+            Some(AccessLogTarget::File("/srv/app/logs/access.log".into()))
+        );
+        assert_eq!(file.access_log_format, AccessLogFormat::Json);
     }
 
     #[test]

@@ -171,6 +171,8 @@ pub fn worker_spec(config: &GroupConfig, slot: usize, version: &Version) -> Work
         max_header_bytes: config.max_header_bytes,
         header_timeout_ms: config.header_timeout.as_millis() as u64,
         body_timeout_ms: config.body_timeout.as_millis() as u64,
+        access_log: config.access_log.clone(),
+        access_log_format: config.access_log_format,
     }
 }
 

@@ -739,23 +739,24 @@ impl Master {
         }
     }
 
-    /// Reopens the daemon's log file, in the master and every worker.
+    /// Reopens the daemon's log file, in the master and every worker, and
+    /// every worker's access log.
     fn reopen_log(&mut self) {
-        let Some(path) = std::env::var_os(crate::logfile::LOG_FILE_ENV) else {
-            tracing::info!("SIGUSR2: not daemonized, no log file to reopen");
-            return;
-        };
-        let path = std::path::PathBuf::from(path);
-        if let Err(e) = crate::logfile::reopen(&path) {
-            tracing::error!("{e:#}");
-            return;
+        let path = std::env::var_os(crate::logfile::LOG_FILE_ENV).map(std::path::PathBuf::from);
+        if let Some(path) = &path {
+            if let Err(e) = crate::logfile::reopen(path) {
+                tracing::error!("{e:#}");
+            }
         }
         for worker in self.workers.values() {
             let _ = worker
                 .to_worker
                 .send(ToWorker::ReopenLog { path: path.clone() });
         }
-        tracing::info!(file = %path.display(), "log file reopened");
+        match &path {
+            Some(path) => tracing::info!(file = %path.display(), "log file reopened"),
+            None => tracing::info!("access logs reopened (not daemonized: no host log file)"),
+        }
     }
 
     /// Starts a reload nobody waits on; its outcome is only logged.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Dispatch;
+use crate::config::{AccessLogFormat, AccessLogTarget, Dispatch};
 
 /// The environment variable carrying a worker's pool size: read before
 /// the worker's runtime is built, so it cannot wait for `Start`.
@@ -45,6 +45,10 @@ pub struct WorkerSpec {
     pub header_timeout_ms: u64,
     /// Longest pause while receiving a request body.
     pub body_timeout_ms: u64,
+    /// Where answered requests are logged, if anywhere.
+    pub access_log: Option<AccessLogTarget>,
+    /// The access log's line format.
+    pub access_log_format: AccessLogFormat,
 }
 
 /// Master → worker.
@@ -61,10 +65,11 @@ pub enum ToWorker {
     ReloadNotify,
     /// List the open connections.
     Connections,
-    /// Point stderr at a freshly opened log file.
+    /// Reopen the log files after a rotation: the access log, and stderr
+    /// when the host is daemonized.
     ReopenLog {
-        /// The log file.
-        path: PathBuf,
+        /// The daemon's log file, for stderr.
+        path: Option<PathBuf>,
     },
 }
 

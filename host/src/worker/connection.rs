@@ -23,6 +23,7 @@ use hyper::StatusCode;
 use smallvec::SmallVec;
 
 use super::abi::{call_handler, plain, HttpResponse};
+use super::access_log::Noted;
 use super::peer::PeerAddr;
 use super::serving::Serving;
 use crate::config::Dispatch;
@@ -96,9 +97,13 @@ impl Connection {
     }
 
     /// Answers one request: counters, phases, `Connection: close` while
-    /// draining.
+    /// draining, the access log.
     pub(super) async fn respond(self: &Arc<Self>, req: hyper::Request<Incoming>) -> HttpResponse {
         let serving = &*self.serving;
+        let noted = serving
+            .access_log
+            .as_ref()
+            .map(|log| (log, Noted::new(&req)));
         serving.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         self.enter(Phase::Handling, serving.now());
         let mut response = self.answer(req).await;
@@ -119,6 +124,10 @@ impl Connection {
         }
         serving.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         serving.counters.count_response(response.status().as_u16());
+        if let Some((log, noted)) = noted {
+            let bytes = response.body().size_hint().exact().unwrap_or(0);
+            log.record(&noted, &self.peer, response.status().as_u16(), bytes);
+        }
         response
     }
 

@@ -18,6 +18,7 @@
 //! closes the listener at once and bounds the rest by `stop_timeout`.
 
 pub mod abi;
+mod access_log;
 mod connection;
 mod loader;
 mod peer;
@@ -213,6 +214,11 @@ fn start(
 )> {
     let counters = SharedCounters::open(counters)?;
     let spread = SpreadTable::open(spread)?;
+    let access_log = spec
+        .access_log
+        .as_ref()
+        .map(|target| access_log::AccessLog::open(target, spec.access_log_format, &spec.group))
+        .transpose()?;
     let shown = format!("{} (version {})", spec.source.display(), spec.version);
     let handler = loader::load(&spec.handler, &shown).map_err(anyhow::Error::msg)?;
     let info = (handler.info())();
@@ -235,6 +241,7 @@ fn start(
             max_header_bytes: spec.max_header_bytes,
             header_timeout: Duration::from_millis(spec.header_timeout_ms),
             body_timeout: Duration::from_millis(spec.body_timeout_ms),
+            access_log,
         },
     );
     Ok((server, listener, info))
@@ -301,6 +308,7 @@ fn watch_master(channel: OwnedFd, server: Arc<Server>, stop_timeout: Duration) -
             close_listener();
             std::thread::sleep(stop_timeout + Duration::from_secs(1));
             tracing::error!("the master is gone and in-flight requests did not finish within stop_timeout; exiting");
+            server.flush_access_log();
             // SAFETY: ends the process without unwinding other threads.
             unsafe { libc::_exit(1) }
         })
@@ -348,9 +356,13 @@ async fn run_until_told(
                 write_line(writer, &FromWorker::Connections { connections }).await?;
             }
             Ok(Some(ToWorker::ReopenLog { path })) => {
-                if let Err(e) = crate::logfile::reopen(&path) {
-                    tracing::warn!("{e:#}");
+                server.flush_access_log();
+                if let Some(path) = path {
+                    if let Err(e) = crate::logfile::reopen(&path) {
+                        tracing::warn!("{e:#}");
+                    }
                 }
+                server.reopen_access_log();
             }
             Ok(Some(ToWorker::ReloadNotify)) => {
                 (server.handler().reload())();
@@ -373,6 +385,7 @@ async fn run_until_told(
             }
         }
     }
+    server.flush_access_log();
     (server.handler().stop())();
     Ok(())
 }

@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::access_log::AccessLog;
 use super::connection::{Connection, Phase};
 use super::peer::PeerAddr;
 use super::serving::Serving;
@@ -95,6 +96,8 @@ pub struct ServerOptions {
     pub header_timeout: Duration,
     /// Longest pause while receiving a request body (at least 1 s).
     pub body_timeout: Duration,
+    /// Where answered requests are logged, if anywhere.
+    pub access_log: Option<AccessLog>,
 }
 
 impl Server {
@@ -115,6 +118,7 @@ impl Server {
                 options.dispatch,
                 options.max_body_bytes,
                 counters,
+                options.access_log,
             )),
             max_header_bytes: options.max_header_bytes.max(8192),
             header_timeout_secs: whole_seconds(options.header_timeout),
@@ -358,9 +362,9 @@ impl Server {
         self.close_connections();
     }
 
-    /// Once a second: advances `clock` and flags (then wakes) every
-    /// connection without progress for its phase's timeout. Runs for the
-    /// life of the worker.
+    /// Once a second: advances `clock`, flags (then wakes) every
+    /// connection without progress for its phase's timeout, and flushes the
+    /// access log. Runs for the life of the worker.
     pub async fn expire_idle(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -369,6 +373,7 @@ impl Server {
             tick.tick().await;
             self.spread.sweep_dead();
             let now = self.serving.tick();
+            self.flush_access_log();
             for (_, connection) in self.registry().iter() {
                 let limit = match connection.phase() {
                     Phase::WaitingHead => self.header_timeout_secs,
@@ -381,6 +386,20 @@ impl Server {
                     connection.waker.wake();
                 }
             }
+        }
+    }
+
+    /// Writes the access log's buffered lines; safe from any thread.
+    pub fn flush_access_log(&self) {
+        if let Some(log) = &self.serving.access_log {
+            log.flush();
+        }
+    }
+
+    /// Reopens the access log's file (after a rotation).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.serving.access_log {
+            log.reopen();
         }
     }
 

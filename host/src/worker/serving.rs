@@ -1,6 +1,6 @@
 //! What every request of a worker reads: the handler and where its calls
-//! run, the body limit, the counters shared with the master, the coarse
-//! clock, and whether the worker is draining. The server (`server.rs`)
+//! run, the body limit, the counters shared with the master, the access
+//! log, the coarse clock, and whether the worker is draining. The server (`server.rs`)
 //! advances the clock and sets the flag; each connection (`connection.rs`)
 //! holds this rather than the whole server, so a connection knows nothing
 //! of accepting, draining or the other connections.
@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use handler_api::HandlerModuleRef;
 
+use super::access_log::AccessLog;
 use crate::config::Dispatch;
 use crate::counters::SharedCounters;
 
@@ -22,6 +23,8 @@ pub(super) struct Serving {
     pub(super) max_body_bytes: usize,
     /// This worker's counters, shared with the master.
     pub(super) counters: SharedCounters,
+    /// Where answered requests are logged, if anywhere.
+    pub(super) access_log: Option<AccessLog>,
     /// Seconds since the server started, advanced by `Server::expire_idle`.
     clock: AtomicU64,
     /// Set when the drain (or stop) begins: the accept loop stops and every
@@ -36,12 +39,14 @@ impl Serving {
         dispatch: Dispatch,
         max_body_bytes: usize,
         counters: SharedCounters,
+        access_log: Option<AccessLog>,
     ) -> Serving {
         Serving {
             handler,
             dispatch,
             max_body_bytes,
             counters,
+            access_log,
             clock: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         }
