@@ -7,7 +7,10 @@ use std::sync::OnceLock;
 
 use abi_stable::std_types::{RErr, ROk, RResult, RString};
 
-use crate::{Context, Handler, Logger, Request, Response, StartContext};
+use crate::{
+    Client, ClientEvent, Context, Gateway, GatewayCallsRef, Handler, Logger, Request, Response,
+    StartContext,
+};
 
 /// Where the exported library keeps its one handler value and logger.
 pub struct Slot<H> {
@@ -91,6 +94,37 @@ pub fn stop<H: Handler>(slot: &'static Slot<H>) {
     }
 }
 
+/// Which connection callback an event is for.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientCallback {
+    /// `on_connect`.
+    Connect,
+    /// `on_message`.
+    Message,
+    /// `on_close`.
+    Close,
+}
+
+/// Runs one connection callback; a panic is logged by the hook and the
+/// event counts as handled.
+pub fn client_event<H: Handler>(
+    slot: &'static Slot<H>,
+    callback: ClientCallback,
+    calls: GatewayCallsRef,
+    event: &ClientEvent<'_>,
+) {
+    let Some(handler) = slot.handler.get() else {
+        return;
+    };
+    let gateway = Gateway::new(calls);
+    let client = Client::new(event);
+    let _ = catch_unwind(AssertUnwindSafe(|| match callback {
+        ClientCallback::Connect => handler.on_connect(&gateway, &client),
+        ClientCallback::Message => handler.on_message(&gateway, &client),
+        ClientCallback::Close => handler.on_close(&gateway, &client),
+    }));
+}
+
 /// Exports a [`Handler`] type as this library's handler.
 ///
 /// `export_handler!(MyHandler);` reports the crate's name and version;
@@ -128,6 +162,16 @@ macro_rules! export_handler {
                 $crate::__private::stop(&SLOT)
             }
 
+            extern "C" fn on_connect(gateway: $crate::GatewayCallsRef, event: &$crate::ClientEvent<'_>) {
+                $crate::__private::client_event(&SLOT, $crate::__private::ClientCallback::Connect, gateway, event)
+            }
+            extern "C" fn on_message(gateway: $crate::GatewayCallsRef, event: &$crate::ClientEvent<'_>) {
+                $crate::__private::client_event(&SLOT, $crate::__private::ClientCallback::Message, gateway, event)
+            }
+            extern "C" fn on_close(gateway: $crate::GatewayCallsRef, event: &$crate::ClientEvent<'_>) {
+                $crate::__private::client_event(&SLOT, $crate::__private::ClientCallback::Close, gateway, event)
+            }
+
             fn root_module() -> $crate::HandlerModuleRef {
                 $crate::HandlerModule {
                     info,
@@ -135,6 +179,9 @@ macro_rules! export_handler {
                     handle,
                     reload,
                     stop,
+                    on_connect,
+                    on_message,
+                    on_close,
                 }
                 .leak_into_prefix()
             }

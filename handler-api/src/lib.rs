@@ -42,6 +42,32 @@
 //! crate-type = ["cdylib"]
 //! ```
 //!
+//! Long-lived connections: a group with `protocol = "websocket"` (or
+//! `"text"`) calls [`Handler::on_connect`], [`Handler::on_message`] and
+//! [`Handler::on_close`] with a [`Gateway`] that reaches every client of
+//! the group:
+//!
+//! ```
+//! use handler_api::{export_handler, Client, Context, Gateway, Handler, Request, Response};
+//!
+//! struct Echo;
+//!
+//! impl Handler for Echo {
+//!     fn start(_: &Context<'_>) -> Result<Self, String> {
+//!         Ok(Echo)
+//!     }
+//!     fn handle(&self, _: &Request<'_>) -> Response {
+//!         Response::text(404, "not found")
+//!     }
+//!     fn on_message(&self, gateway: &Gateway, client: &Client<'_>) {
+//!         gateway.send_to_client(client.id(), client.message());
+//!     }
+//! }
+//!
+//! export_handler!(Echo);
+//! # fn main() {}
+//! ```
+//!
 //! Every entry point catches panics: a panicking request becomes a `500`
 //! and the worker keeps serving; a panicking `start` becomes a start error
 //! carrying the panic message.
@@ -50,6 +76,7 @@
 //! That is sound because a worker loads its handler exactly once and a
 //! library is never unloaded while the worker runs.
 
+mod connection;
 mod context;
 mod export;
 mod module;
@@ -57,6 +84,10 @@ mod request;
 mod response;
 
 pub use abi_stable;
+pub use connection::{
+    Client, ClientEvent, ClientId, ClientIdError, Gateway, GatewayCalls, GatewayCallsRef, Message,
+    MessageKind,
+};
 pub use context::{Context, Level, LogFn, Logger, Setting, StartContext};
 pub use module::{HandlerInfo, HandlerModule, HandlerModuleRef};
 pub use request::{Header, Request};
@@ -82,6 +113,23 @@ pub trait Handler: Sized + Send + Sync + 'static {
 
     /// Called once when the worker stops, after its last request.
     fn stop(&self) {}
+
+    /// A client connected to a gateway group (`protocol = "websocket"` or
+    /// `"text"`) this handler serves. Events of one client arrive in order,
+    /// one at a time; a panic is logged and the event counts as handled.
+    fn on_connect(&self, gateway: &Gateway, client: &Client<'_>) {
+        let _ = (gateway, client);
+    }
+
+    /// A client sent a message ([`Client::message`]).
+    fn on_message(&self, gateway: &Gateway, client: &Client<'_>) {
+        let _ = (gateway, client);
+    }
+
+    /// A client's connection closed; it can no longer be sent to.
+    fn on_close(&self, gateway: &Gateway, client: &Client<'_>) {
+        let _ = (gateway, client);
+    }
 }
 
 #[doc(hidden)]

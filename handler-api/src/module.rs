@@ -9,7 +9,7 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::{Request, Response, StartContext};
+use crate::{ClientEvent, GatewayCallsRef, Request, Response, StartContext};
 
 /// Who the handler says it is, for `host status` and logs.
 #[repr(C)]
@@ -23,9 +23,10 @@ pub struct HandlerInfo {
 
 /// The entry points of a handler library.
 ///
-/// It is a prefix type: fields may be appended after `stop` in a later
-/// version of this crate (an async request entry point, say) without
-/// breaking libraries built against this one.
+/// It is a prefix type: fields are appended after `stop` (the last field a
+/// library must have) without breaking libraries built against an older
+/// version of this crate. Libraries built against handler-api 0.2.0 end at
+/// `stop`; the connection entry points read as `None` for them.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = HandlerModuleRef)))]
@@ -42,6 +43,15 @@ pub struct HandlerModule {
     /// Called once before the worker exits.
     #[sabi(last_prefix_field)]
     pub stop: extern "C" fn(),
+    /// A client connected to the gateway group (since 0.2.1).
+    #[sabi(missing_field(option))]
+    pub on_connect: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
+    /// A client sent a message (since 0.2.1).
+    #[sabi(missing_field(option))]
+    pub on_message: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
+    /// A client's connection closed (since 0.2.1).
+    #[sabi(missing_field(option))]
+    pub on_close: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
 }
 
 impl RootModule for HandlerModuleRef {

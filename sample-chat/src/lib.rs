@@ -1,0 +1,144 @@
+//! A small chat on a gateway group, and the page that uses it.
+//!
+//! Loaded by a `protocol = "websocket"` group it handles the chat; loaded
+//! by an HTTP group of the same host it serves the page at `/` (the
+//! setting `websocket` is the address the page connects to, default
+//! `ws://<the page's host>:8282/`). Commands, one per message:
+//!
+//! - `nick NAME`: binds the client to the uid NAME;
+//! - `join ROOM`: leaves the current room, joins ROOM, tells the room;
+//! - `say TEXT`: to everyone in the room;
+//! - `to NAME TEXT`: to every client of the uid NAME;
+//! - `count ROOM`: how many clients are in ROOM; `online`: in the chat.
+//!
+//! The nickname and room live in the client's session (`name\nroom`),
+//! which the gateway keeps across reloads of this handler.
+
+use handler_api::{export_handler, Client, Context, Gateway, Handler, Request, Response};
+
+const VERSION: &str = match option_env!("CHAT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+const PAGE: &str = include_str!("page.html");
+
+struct Chat {
+    page: String,
+}
+
+/// Who a client is, as kept in its session.
+#[derive(Default)]
+struct Member {
+    name: String,
+    room: String,
+}
+
+impl Member {
+    fn of(session: &[u8]) -> Member {
+        let text = String::from_utf8_lossy(session);
+        let (name, room) = text.split_once('\n').unwrap_or((&text, ""));
+        Member {
+            name: name.to_owned(),
+            room: room.to_owned(),
+        }
+    }
+
+    fn save(&self, gateway: &Gateway, client: &Client<'_>) {
+        gateway.set_session(client.id(), format!("{}\n{}", self.name, self.room).as_bytes());
+    }
+
+    fn shown(&self, client: &Client<'_>) -> String {
+        if self.name.is_empty() {
+            client.id().to_string()
+        } else {
+            self.name.clone()
+        }
+    }
+}
+
+impl Handler for Chat {
+    fn start(ctx: &Context<'_>) -> Result<Self, String> {
+        let websocket = ctx.setting("websocket").unwrap_or("");
+        Ok(Chat {
+            page: PAGE.replace("{{websocket}}", websocket),
+        })
+    }
+
+    fn handle(&self, req: &Request<'_>) -> Response {
+        match (req.method(), req.path()) {
+            ("GET", "/") => Response::new(200, self.page.clone())
+                .with_content_type("text/html; charset=utf-8"),
+            _ => Response::text(404, "not found\n"),
+        }
+    }
+
+    fn on_connect(&self, gateway: &Gateway, client: &Client<'_>) {
+        gateway.send_to_client(
+            client.id(),
+            &format!("welcome {} (chat {VERSION})", client.id()),
+        );
+    }
+
+    fn on_message(&self, gateway: &Gateway, client: &Client<'_>) {
+        let Some(text) = client.message().as_text() else {
+            return;
+        };
+        let mut member = Member::of(client.session());
+        let (command, rest) = text.split_once(' ').unwrap_or((text, ""));
+        let reply = |text: &str| gateway.send_to_client(client.id(), text);
+        match command {
+            "nick" if !rest.is_empty() => {
+                if !member.name.is_empty() {
+                    gateway.unbind_uid(client.id(), &member.name);
+                }
+                member.name = rest.to_owned();
+                gateway.bind_uid(client.id(), rest);
+                member.save(gateway, client);
+                reply(&format!("you are {rest}"));
+            }
+            "join" if !rest.is_empty() => {
+                if !member.room.is_empty() {
+                    gateway.leave_group(client.id(), &member.room);
+                }
+                member.room = rest.to_owned();
+                gateway.join_group(client.id(), rest);
+                member.save(gateway, client);
+                let here = gateway.group_client_count(rest);
+                gateway.send_to_group(
+                    rest,
+                    &format!("* {} joined {rest} ({here} here)", member.shown(client)),
+                    &[],
+                );
+            }
+            "say" if !member.room.is_empty() => gateway.send_to_group(
+                &member.room,
+                &format!("{}: {rest}", member.shown(client)),
+                &[],
+            ),
+            "to" => match rest.split_once(' ') {
+                Some((uid, words)) if gateway.is_uid_online(uid) => {
+                    let line = format!("{} (private): {words}", member.shown(client));
+                    gateway.send_to_uid(uid, &line);
+                }
+                _ => reply("nobody by that name"),
+            },
+            "count" => reply(&format!("{rest}: {}", gateway.group_client_count(rest))),
+            "online" => reply(&format!("online: {}", gateway.client_count())),
+            _ => reply("commands: nick NAME, join ROOM, say TEXT, to NAME TEXT, count ROOM, online"),
+        }
+    }
+
+    fn on_close(&self, gateway: &Gateway, client: &Client<'_>) {
+        let member = Member::of(client.session());
+        if !member.room.is_empty() {
+            gateway.send_to_group(
+                &member.room,
+                &format!("* {} left", member.shown(client)),
+                &[client.id()],
+            );
+        }
+    }
+}
+
+export_handler!(Chat, version = VERSION);
