@@ -61,6 +61,42 @@ pub enum Dispatch {
     Pool,
 }
 
+/// What a group's listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP requests, answered by the handler's `handle`.
+    #[default]
+    Http,
+    /// RFC 6455 WebSocket clients, held by gateway processes.
+    WebSocket,
+    /// Newline-delimited messages over TCP, held by gateway processes.
+    Text,
+}
+
+/// Which processes a (possibly derived) group runs. A gateway group of the
+/// file becomes two groups of the master: its gateways (host code, never
+/// reloaded) and its business workers (the handler, reloaded).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum GroupPart {
+    /// Workers that serve HTTP themselves.
+    #[default]
+    Http,
+    /// The gateway processes of gateway group `of`.
+    Gateways {
+        /// The gateway group's name (that of its business workers).
+        of: String,
+    },
+    /// The business workers of a gateway group with `gateways` gateways.
+    Business {
+        /// How many gateway processes each worker links to.
+        gateways: usize,
+    },
+}
+
+/// The suffix of the derived group holding a gateway group's gateways.
+pub const GATEWAYS_SUFFIX: &str = "-gateways";
+
 /// One group of identical workers sharing one listening socket. It
 /// serializes (to compare two of them key by key on reload) and compares
 /// as a whole.
@@ -126,6 +162,44 @@ pub struct GroupConfig {
     /// Free-form settings handed to the handler's start callback.
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
+    /// What the listener speaks; `websocket` and `text` make a gateway group.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Gateway processes of a gateway group (they hold the clients).
+    #[serde(default = "default_gateways")]
+    pub gateways: usize,
+    /// Largest message a client may send (WebSocket: after reassembly);
+    /// larger ones close the client (1009).
+    #[serde(default = "default_max_message")]
+    pub max_message_size: usize,
+    /// Longest line of the `text` protocol, newline excluded.
+    #[serde(default = "default_max_line")]
+    pub max_line: usize,
+    /// Bytes the gateway may hold for a client that does not read; past
+    /// that the client is closed (1008), so a slow reader costs bounded memory.
+    #[serde(default = "default_max_outbound")]
+    pub max_outbound_bytes: usize,
+    /// How often the gateway pings an idle WebSocket client.
+    #[serde(default = "default_ping_interval", with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// Pings in a row a client may leave unanswered before it is closed.
+    #[serde(default = "default_missed_pongs")]
+    pub missed_pongs: u32,
+    /// A client that sends nothing (not even a pong) this long is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Events a gateway keeps while no business worker can take them;
+    /// a client whose event does not fit is closed with 1013.
+    #[serde(default = "default_max_queued_events")]
+    pub max_queued_events: usize,
+    /// If set, the only `Origin` headers a WebSocket handshake may carry
+    /// (others get 403); clients sending no `Origin` are not browsers and
+    /// are let in.
+    #[serde(default)]
+    pub origins: Option<Vec<String>>,
+    /// Which part of a gateway group this is (derived, never in a file).
+    #[serde(skip)]
+    pub part: GroupPart,
 }
 
 /// Where a group's access log goes.
@@ -207,6 +281,30 @@ fn default_body_timeout() -> Duration {
 }
 fn default_max_header() -> usize {
     16 << 10
+}
+fn default_gateways() -> usize {
+    1
+}
+fn default_max_message() -> usize {
+    1 << 20
+}
+fn default_max_line() -> usize {
+    64 << 10
+}
+fn default_max_outbound() -> usize {
+    4 << 20
+}
+fn default_ping_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_missed_pongs() -> u32 {
+    2
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_queued_events() -> usize {
+    10_000
 }
 
 impl GroupConfig {
@@ -341,6 +439,7 @@ impl Config {
         if self.groups.is_empty() {
             bail!("no [[group]] defined: at least one group is needed");
         }
+        self.groups = split_gateway_groups(self.groups)?;
         let mut names = std::collections::HashSet::new();
         for group in &mut self.groups {
             if group.name.is_empty() || group.name.contains(['/', ' ']) {
@@ -416,6 +515,47 @@ fn hint(line: &str) -> Option<&'static str> {
     }
 }
 
+/// Replaces each gateway group by its gateways (first, not reloadable, on
+/// the group's address) and its business workers (named as the group).
+fn split_gateway_groups(groups: Vec<GroupConfig>) -> Result<Vec<GroupConfig>> {
+    let mut split = Vec::with_capacity(groups.len());
+    for group in groups {
+        if group.protocol == Protocol::Http {
+            split.push(group);
+            continue;
+        }
+        if group.gateways == 0 || group.gateways > usize::from(u16::MAX) {
+            bail!("group {}: gateways must be between 1 and 65535", group.name);
+        }
+        if !group.reloadable {
+            bail!(
+                "group {}: a gateway group's business workers are reloadable (its gateways never are)",
+                group.name
+            );
+        }
+        if group.max_queued_events == 0 || group.missed_pongs == 0 || group.max_line == 0 {
+            bail!(
+                "group {}: max_queued_events, missed_pongs and max_line must be at least 1",
+                group.name
+            );
+        }
+        let mut gateways = group.clone();
+        gateways.name = format!("{}{GATEWAYS_SUFFIX}", group.name);
+        gateways.count = group.gateways;
+        gateways.reloadable = false;
+        gateways.part = GroupPart::Gateways {
+            of: group.name.clone(),
+        };
+        split.push(gateways);
+        let mut business = group;
+        business.part = GroupPart::Business {
+            gateways: business.gateways,
+        };
+        split.push(business);
+    }
+    Ok(split)
+}
+
 /// Files inside the run directory.
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -466,6 +606,11 @@ impl RunDir {
     /// Which version each pinned group runs.
     pub fn pins(&self) -> PathBuf {
         self.root.join("pins.json")
+    }
+    /// The socket gateway `index` of gateway group `group` listens on for
+    /// its business workers.
+    pub fn gateway_socket(&self, group: &str, index: usize) -> PathBuf {
+        self.root.join(format!("gateway-{group}-{index}.sock"))
     }
     /// The versions each group ran, oldest first.
     pub fn history(&self) -> PathBuf {
@@ -557,6 +702,31 @@ mod tests {
         let found = Config::locate_run_dir(Some(&path)).unwrap();
         assert_eq!(found, std::fs::canonicalize(&dir).unwrap().join(".host"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_gateway_group_becomes_its_gateways_then_its_business_workers() {
+        let config = parse(
+            "[[group]]\nname = \"chat\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"websocket\"\ngateways = 2\ncount = 3\nhandler = \"c.so\"\n",
+        )
+        .unwrap();
+        let [gateways, business] = &config.groups[..] else {
+            panic!("two groups expected");
+        };
+        assert_eq!(gateways.name, "chat-gateways");
+        assert_eq!((gateways.count, gateways.reloadable), (2, false));
+        assert_eq!(
+            gateways.part,
+            GroupPart::Gateways {
+                of: "chat".to_owned()
+            }
+        );
+        assert_eq!((business.name.as_str(), business.count), ("chat", 3));
+        assert_eq!(business.part, GroupPart::Business { gateways: 2 });
+        let clash = parse(
+            "[[group]]\nname = \"chat\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"text\"\nhandler = \"c.so\"\n[[group]]\nname = \"chat-gateways\"\nlisten = \"127.0.0.1:0\"\nhandler = \"c.so\"\n",
+        );
+        assert!(format!("{:#}", clash.unwrap_err()).contains("two groups are named"));
     }
 
     #[test]

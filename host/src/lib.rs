@@ -4,7 +4,8 @@
 //! - `cli`: the commands; `config`: the config file;
 //! - `master/`: supervisor, reload, control socket, watcher;
 //! - `versions/`: the handler store and pins, for the CLI and the master;
-//! - `worker/`: handler loader, HTTP server, drain;
+//! - `worker/`: handler loader, HTTP server, drain; business workers;
+//! - `gateway/`: gateway processes holding WebSocket and text clients;
 //! - `protocol/`: messages between CLI, master and workers;
 //! - `counters`: per-worker counters in shared memory;
 //! - `spread`: each worker's open connections, shared by a group's workers
@@ -17,6 +18,7 @@
 mod cli;
 mod config;
 mod counters;
+mod gateway;
 mod logfile;
 mod master;
 mod protocol;

@@ -9,7 +9,12 @@
 //! - `join ROOM`: leaves the current room, joins ROOM, tells the room;
 //! - `say TEXT`: to everyone in the room;
 //! - `to NAME TEXT`: to every client of the uid NAME;
-//! - `count ROOM`: how many clients are in ROOM; `online`: in the chat.
+//! - `count ROOM`: how many clients are in ROOM; `online`: in the chat;
+//! - `shout TEXT`: to every client but the sender; `tell ID TEXT`: to the
+//!   client ID only (a send to all with an include list);
+//! - `whois ID`: whether ID is online, and its nickname (its session);
+//! - `kick NAME`: closes NAME's clients (code 4000);
+//! - `leave`: leaves the room; `forget`: drops the nickname.
 //!
 //! The nickname and room live in the client's session (`name\nroom`),
 //! which the gateway keeps across reloads of this handler.
@@ -45,7 +50,10 @@ impl Member {
     }
 
     fn save(&self, gateway: &Gateway, client: &Client<'_>) {
-        gateway.set_session(client.id(), format!("{}\n{}", self.name, self.room).as_bytes());
+        gateway.set_session(
+            client.id(),
+            format!("{}\n{}", self.name, self.room).as_bytes(),
+        );
     }
 
     fn shown(&self, client: &Client<'_>) -> String {
@@ -67,8 +75,9 @@ impl Handler for Chat {
 
     fn handle(&self, req: &Request<'_>) -> Response {
         match (req.method(), req.path()) {
-            ("GET", "/") => Response::new(200, self.page.clone())
-                .with_content_type("text/html; charset=utf-8"),
+            ("GET", "/") => {
+                Response::new(200, self.page.clone()).with_content_type("text/html; charset=utf-8")
+            }
             _ => Response::text(404, "not found\n"),
         }
     }
@@ -123,9 +132,46 @@ impl Handler for Chat {
                 }
                 _ => reply("nobody by that name"),
             },
+            "shout" => gateway.send_to_all_but(
+                &format!("{} shouts: {rest}", member.shown(client)),
+                None,
+                &[client.id()],
+            ),
+            "tell" => match rest.split_once(' ').map(|(id, words)| (id.parse(), words)) {
+                Some((Ok(id), words)) => gateway.send_to_all_but(
+                    &format!("{} (to you): {words}", member.shown(client)),
+                    Some(&[id]),
+                    &[],
+                ),
+                _ => reply("tell needs a client id"),
+            },
+            "whois" => match rest.parse() {
+                Ok(id) if gateway.is_online(id) => {
+                    let session = gateway.session(id).unwrap_or_default();
+                    reply(&format!("{rest} is online as {}", Member::of(&session).name));
+                }
+                _ => reply(&format!("{rest} is not online")),
+            },
+            "kick" => {
+                for id in gateway.client_ids_of_uid(rest) {
+                    gateway.close_client(id, 4000, "kicked");
+                }
+            }
+            "leave" if !member.room.is_empty() => {
+                gateway.leave_group(client.id(), &member.room);
+                reply(&format!("you left {}", member.room));
+                member.room.clear();
+                member.save(gateway, client);
+            }
+            "forget" if !member.name.is_empty() => {
+                gateway.unbind_uid(client.id(), &member.name);
+                member.name.clear();
+                member.save(gateway, client);
+                reply("you are nobody");
+            }
             "count" => reply(&format!("{rest}: {}", gateway.group_client_count(rest))),
             "online" => reply(&format!("online: {}", gateway.client_count())),
-            _ => reply("commands: nick NAME, join ROOM, say TEXT, to NAME TEXT, count ROOM, online"),
+            _ => reply("commands: nick, join, say, to, count, online, shout, tell, whois, kick, leave, forget"),
         }
     }
 

@@ -4,7 +4,8 @@
 //!
 //! Its version string comes from `ECHO_VERSION` at build time (default: the
 //! crate version); a message `version` is answered with it, so a test sees
-//! which build answers after a reload.
+//! which build answers after a reload. The setting `start_delay_ms` makes
+//! its start that slow (tests use it for "no business worker ready yet").
 
 use handler_api::{export_handler, Client, Context, Gateway, Handler, Request, Response};
 
@@ -16,7 +17,12 @@ const VERSION: &str = match option_env!("ECHO_VERSION") {
 struct Echo;
 
 impl Handler for Echo {
-    fn start(_: &Context<'_>) -> Result<Self, String> {
+    fn start(ctx: &Context<'_>) -> Result<Self, String> {
+        let delay = ctx.setting("start_delay_ms").unwrap_or("0");
+        let delay: u64 = delay
+            .parse()
+            .map_err(|_| format!("start_delay_ms {delay:?} is not a number"))?;
+        std::thread::sleep(std::time::Duration::from_millis(delay));
         Ok(Echo)
     }
 

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod ws;
+
 /// How long any condition may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -57,6 +59,13 @@ pub enum Variant {
     /// sample-handler built against a copy of handler-api that calls itself
     /// 0.3.0 (see [`other_api_workspace`]).
     OtherApiVersion,
+    /// sample-handler built against handler-api 0.2.0 as released (kept in
+    /// tests/fixtures): a handler from before connection events.
+    OldApi,
+    /// sample-echo with `ECHO_VERSION=<version>`.
+    Echo(&'static str),
+    /// sample-chat.
+    Chat,
 }
 
 impl Variant {
@@ -67,6 +76,9 @@ impl Variant {
             Variant::Faulty(mode) => format!("faulty-{mode}.so"),
             Variant::AbiMismatch => "abi-mismatch.so".into(),
             Variant::OtherApiVersion => "other-api-version.so".into(),
+            Variant::OldApi => "old-api.so".into(),
+            Variant::Echo(version) => format!("echo-{version}.so"),
+            Variant::Chat => "chat.so".into(),
         }
     }
 
@@ -94,7 +106,15 @@ impl Variant {
                 Some(("FAULTY_MODE", mode)),
             ),
             Variant::AbiMismatch => ("abi-mismatch-handler", "libabi_mismatch_handler.so", None),
-            Variant::OtherApiVersion => ("sample-handler", "libsample_handler.so", None),
+            Variant::OtherApiVersion | Variant::OldApi => {
+                ("sample-handler", "libsample_handler.so", None)
+            }
+            Variant::Echo(version) => (
+                "sample-echo",
+                "libsample_echo.so",
+                Some(("ECHO_VERSION", version)),
+            ),
+            Variant::Chat => ("sample-chat", "libsample_chat.so", None),
         }
     }
 }
@@ -122,9 +142,13 @@ pub fn handler(variant: Variant) -> PathBuf {
         .args(["build", "--quiet", "-p", package, "--target-dir"])
         .arg(&target)
         .env_remove("SAMPLE_VERSION")
+        .env_remove("ECHO_VERSION")
         .env_remove("FAULTY_MODE");
     if variant == Variant::OtherApiVersion {
         cargo.current_dir(other_api_workspace(&target));
+    }
+    if variant == Variant::OldApi {
+        cargo.current_dir(old_api_workspace(&target));
     }
     if let Some((key, value)) = env {
         cargo.env(key, value);
@@ -150,17 +174,33 @@ pub const OTHER_API_VERSION: &str = "0.3.0";
 /// changed to [`OTHER_API_VERSION`], nothing else) and sample-handler: what
 /// a handler author whose handler-api is not the host's builds.
 fn other_api_workspace(target: &Path) -> PathBuf {
-    let root = target.join("other-api");
-    let _ = std::fs::remove_dir_all(&root);
-    for krate in ["handler-api", "sample-handler"] {
-        copy_dir(&workspace().join(krate), &root.join(krate));
-    }
+    let root = handler_workspace(target, "other-api", &workspace().join("handler-api"));
     let manifest = root.join("handler-api/Cargo.toml");
     let ours = format!("version = \"{}\"", handler_api_version());
     let text = std::fs::read_to_string(&manifest).unwrap();
     assert!(text.contains(&ours), "no {ours} in {}", manifest.display());
     let theirs = format!("version = \"{OTHER_API_VERSION}\"");
     std::fs::write(&manifest, text.replacen(&ours, &theirs, 1)).unwrap();
+    root
+}
+
+/// A workspace under `target` holding handler-api 0.2.0 as released and
+/// today's sample-handler: a handler built before connection events.
+fn old_api_workspace(target: &Path) -> PathBuf {
+    let released = workspace().join("tests/fixtures/handler-api-0.2.0");
+    handler_workspace(target, "old-api", &released)
+}
+
+/// A workspace `target/name` of two members: a copy of `handler_api` and
+/// of sample-handler, with the root manifest's settings.
+fn handler_workspace(target: &Path, name: &str, handler_api: &Path) -> PathBuf {
+    let root = target.join(name);
+    let _ = std::fs::remove_dir_all(&root);
+    copy_dir(handler_api, &root.join("handler-api"));
+    copy_dir(
+        &workspace().join("sample-handler"),
+        &root.join("sample-handler"),
+    );
     std::fs::copy(workspace().join("Cargo.lock"), root.join("Cargo.lock")).unwrap();
     // The workspace's own settings and dependency specs, for two members.
     let ours = manifest_of(&workspace().join("Cargo.toml"));

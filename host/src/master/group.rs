@@ -80,6 +80,33 @@ impl Group {
         })
     }
 
+    /// The business workers of a gateway group, on a handle of the
+    /// listener of its `gateways` group (which alone accepts on it).
+    pub fn sharing(
+        config: Arc<GroupConfig>,
+        gateways: &Group,
+        version: Arc<Version>,
+    ) -> Result<Group> {
+        let listener = gateways
+            .listener
+            .as_ref()
+            .context("the gateway group has no listener")?
+            .try_clone()
+            .context("cannot duplicate the gateway listener")?;
+        let slots = (0..config.count)
+            .map(|_| WorkerSlot::new(version.clone()))
+            .collect();
+        Ok(Group {
+            config,
+            listener: Some(listener),
+            moving_to: None,
+            addr: gateways.addr,
+            version,
+            slots,
+            last_failed_reload: None,
+        })
+    }
+
     /// A group a reload adds: listening, with no slot yet.
     pub fn added(config: Arc<GroupConfig>, version: Arc<Version>) -> Result<Group> {
         let mut group = Group::listen(config, &mut Vec::new(), version)?;

@@ -23,9 +23,11 @@ use tokio::sync::mpsc;
 
 use super::lifecycle::WorkerId;
 use super::Event;
-use crate::config::GroupConfig;
+use crate::config::{GroupConfig, GroupPart, RunDir};
 use crate::counters::SharedCounters;
-use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec, POOL_THREADS_ENV};
+use crate::protocol::worker::{
+    FromWorker, GatewaySpec, ToWorker, WorkerRole, WorkerSpec, POOL_THREADS_ENV,
+};
 use crate::protocol::{read_line, write_line};
 use crate::spread::SpreadTable;
 use crate::versions::store::Version;
@@ -153,7 +155,33 @@ fn spread_table_of(listener: &OwnedFd) -> Result<OwnedFd> {
 }
 
 /// What a worker of `config` in `slot` is told to load and how to serve.
-pub fn worker_spec(config: &GroupConfig, slot: usize, version: &Version) -> WorkerSpec {
+pub fn worker_spec(
+    config: &GroupConfig,
+    slot: usize,
+    version: &Version,
+    run_dir: &RunDir,
+) -> WorkerSpec {
+    let role = match &config.part {
+        GroupPart::Http => WorkerRole::Http,
+        GroupPart::Gateways { of } => WorkerRole::Gateway(GatewaySpec {
+            index: slot as u32,
+            socket: run_dir.gateway_socket(of, slot),
+            protocol: config.protocol,
+            max_message_size: config.max_message_size,
+            max_line: config.max_line,
+            max_outbound_bytes: config.max_outbound_bytes,
+            ping_interval_ms: config.ping_interval.as_millis() as u64,
+            missed_pongs: config.missed_pongs,
+            idle_timeout_ms: config.idle_timeout.as_millis() as u64,
+            max_queued_events: config.max_queued_events,
+            origins: config.origins.clone(),
+        }),
+        GroupPart::Business { gateways } => WorkerRole::Business {
+            gateways: (0..*gateways)
+                .map(|index| run_dir.gateway_socket(&config.name, index))
+                .collect(),
+        },
+    };
     WorkerSpec {
         group: config.name.clone(),
         slot,
@@ -173,6 +201,7 @@ pub fn worker_spec(config: &GroupConfig, slot: usize, version: &Version) -> Work
         body_timeout_ms: config.body_timeout.as_millis() as u64,
         access_log: config.access_log.clone(),
         access_log_format: config.access_log_format,
+        role,
     }
 }
 

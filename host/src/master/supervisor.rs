@@ -35,7 +35,7 @@ use super::spawn::{describe_exit, spawn_worker, watch_worker, worker_spec};
 use super::systemd::{self, ActivatedListener};
 use super::watch::HandlerWatch;
 use super::{report_ready, Event, SignalAction};
-use crate::config::{Config, GroupConfig, RunDir};
+use crate::config::{Config, GroupConfig, GroupPart, RunDir};
 use crate::counters::{SharedCounters, WorkerCounters};
 use crate::protocol::control::{
     ControlReply, ControlRequest, FailedReload, KilledWorker, WorkerConnections,
@@ -137,7 +137,18 @@ impl Master {
         let mut groups = Vec::new();
         for group in std::mem::take(&mut config.groups) {
             let version = pins::chosen_version(&store, &pins, &group, None)?;
-            groups.push(Group::listen(Arc::new(group), &mut activated, version)?);
+            let group = Arc::new(group);
+            let group = match &group.part {
+                // Its gateways come right before it and hold the listener;
+                // business workers get a handle they never accept on.
+                GroupPart::Business { .. } => {
+                    let gateways: &Group =
+                        groups.last().context("a gateway group without gateways")?;
+                    Group::sharing(group, gateways, version)?
+                }
+                _ => Group::listen(group, &mut activated, version)?,
+            };
+            groups.push(group);
         }
         let watch = watch_handlers(config.watch, &groups, &events)?;
         for unused in activated {
@@ -397,7 +408,7 @@ impl Master {
             .listener_for(&config)
             .with_context(|| format!("group {} is removed", config.name))?;
         let spawned = spawn_worker(listener, &label, config.pool_threads)?;
-        let spec = worker_spec(&config, slot, &version);
+        let spec = worker_spec(&config, slot, &version, &self.run_dir);
         let (to_worker, outbox) = mpsc::unbounded_channel();
         let _ = to_worker.send(ToWorker::Start(Box::new(spec)));
         watch_worker(id, spawned.child, spawned.channel, outbox, &self.events);

@@ -1,9 +1,12 @@
-//! Messages between processes, framed as one JSON object per line.
+//! Messages between processes, framed as one JSON object per line (but
+//! the gateway link's binary frames).
 //!
 //! `control`: the CLI and the master, over the control socket.
 //! `worker`: the master and one worker, over the worker's channel.
+//! `link`: a gateway and a business worker (binary frames, not JSON).
 
 pub mod control;
+pub mod link;
 pub mod worker;
 
 use anyhow::{Context as _, Result};

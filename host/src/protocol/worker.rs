@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AccessLogFormat, AccessLogTarget, Dispatch};
+use crate::config::{AccessLogFormat, AccessLogTarget, Dispatch, Protocol};
 
 /// The environment variable carrying a worker's pool size: read before
 /// the worker's runtime is built, so it cannot wait for `Start`.
@@ -49,6 +49,50 @@ pub struct WorkerSpec {
     pub access_log: Option<AccessLogTarget>,
     /// The access log's line format.
     pub access_log_format: AccessLogFormat,
+    /// What this worker runs.
+    pub role: WorkerRole,
+}
+
+/// What a worker process runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WorkerRole {
+    /// Serves HTTP with the handler.
+    Http,
+    /// Holds the clients of a gateway group (loads no handler).
+    Gateway(GatewaySpec),
+    /// Handles a gateway group's client events with the handler.
+    Business {
+        /// The sockets of the group's gateways, by gateway index.
+        gateways: Vec<PathBuf>,
+    },
+}
+
+/// A gateway process's settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewaySpec {
+    /// This gateway's index in its group (part of every client id).
+    pub index: u32,
+    /// Where business workers connect.
+    pub socket: PathBuf,
+    /// What clients speak.
+    pub protocol: Protocol,
+    /// Largest client message.
+    pub max_message_size: usize,
+    /// Longest text line.
+    pub max_line: usize,
+    /// Outbound bytes held for one client before it is closed.
+    pub max_outbound_bytes: usize,
+    /// Ping period for WebSocket clients.
+    pub ping_interval_ms: u64,
+    /// Unanswered pings before a client is closed.
+    pub missed_pongs: u32,
+    /// Silence after which a client is closed.
+    pub idle_timeout_ms: u64,
+    /// Events kept while no business worker is ready.
+    pub max_queued_events: usize,
+    /// Allowed `Origin` headers, if restricted.
+    pub origins: Option<Vec<String>>,
 }
 
 /// Master → worker.

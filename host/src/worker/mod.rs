@@ -19,7 +19,9 @@
 
 pub mod abi;
 mod access_log;
+mod business;
 mod connection;
+mod gateway_calls;
 mod loader;
 mod peer;
 mod server;
@@ -37,7 +39,7 @@ use tokio::io::BufReader;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::counters::SharedCounters;
-use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
+use crate::protocol::worker::{FromWorker, ToWorker, WorkerRole, WorkerSpec};
 use crate::protocol::{read_line, write_line};
 use crate::spread::SpreadTable;
 use server::{Server, ServerOptions};
@@ -154,21 +156,31 @@ async fn serve(fds: Fds) -> Result<ExitCode> {
     .entered();
     let _ = IDENTITY.set((spec.group.clone(), spec.slot, spec.version.clone()));
 
+    match &spec.role {
+        WorkerRole::Http => {}
+        WorkerRole::Gateway(gateway) => {
+            drop(spread);
+            crate::gateway::run(&spec, gateway, listener, reader, writer).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        WorkerRole::Business { gateways } => {
+            // Only the gateways accept on the group's listener.
+            drop((listener, spread));
+            let loaded = load_and_start(&spec);
+            let handler = match loaded {
+                Ok(handler) => handler,
+                Err(error) => return report_failure(&mut writer, error).await,
+            };
+            let gateways = gateways.clone();
+            business::run(&spec, handler, gateways, &mut reader, &mut writer).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+
     let started = start(&spec, listener, counters, spread);
     let (server, listener, info) = match started {
         Ok(started) => started,
-        Err(error) => {
-            let error = format!("{error:#}");
-            write_line(
-                &mut writer,
-                &FromWorker::Failed {
-                    error: error.clone(),
-                },
-            )
-            .await?;
-            tracing::debug!("start failed (reported to the master): {error}");
-            return Ok(ExitCode::FAILURE);
-        }
+        Err(error) => return report_failure(&mut writer, error).await,
     };
     *LISTENER_OPEN.lock().unwrap_or_else(|e| e.into_inner()) = true;
     tokio::spawn({
@@ -201,6 +213,32 @@ async fn serve(fds: Fds) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Tells the master why this worker cannot start (the master logs it),
+/// then fails.
+async fn report_failure(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    error: anyhow::Error,
+) -> Result<ExitCode> {
+    let error = format!("{error:#}");
+    write_line(
+        writer,
+        &FromWorker::Failed {
+            error: error.clone(),
+        },
+    )
+    .await?;
+    tracing::debug!("start failed (reported to the master): {error}");
+    Ok(ExitCode::FAILURE)
+}
+
+/// Loads the handler and calls its start callback.
+fn load_and_start(spec: &WorkerSpec) -> Result<HandlerModuleRef> {
+    let shown = format!("{} (version {})", spec.source.display(), spec.version);
+    let handler = loader::load(&spec.handler, &shown).map_err(anyhow::Error::msg)?;
+    call_start(handler, spec)?;
+    Ok(handler)
+}
+
 /// Loads and starts the handler, and readies the listener.
 fn start(
     spec: &WorkerSpec,
@@ -219,10 +257,8 @@ fn start(
         .as_ref()
         .map(|target| access_log::AccessLog::open(target, spec.access_log_format, &spec.group))
         .transpose()?;
-    let shown = format!("{} (version {})", spec.source.display(), spec.version);
-    let handler = loader::load(&spec.handler, &shown).map_err(anyhow::Error::msg)?;
+    let handler = load_and_start(spec)?;
     let info = (handler.info())();
-    call_start(handler, spec)?;
     let listener = std::net::TcpListener::from(listener);
     // O_NONBLOCK is shared by every process holding the socket; all of them
     // want it set.

@@ -1,0 +1,497 @@
+//! The gateway's one task that owns every client's state (uids, groups,
+//! session, outbound queue) and the links to business workers.
+//!
+//! Client connections and links are small tasks that only turn what they
+//! read into [`Input`]s; the hub applies them in order, with no locks. Each
+//! round it takes every input already waiting, then writes each link's
+//! frames in one buffer (one syscall carries many events under load).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use handler_api::{ClientId, MessageKind};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::router::{ClientKey, LinkId, Router};
+use super::Stats;
+use crate::protocol::link::{
+    Answer, Event, EventKind, FromBusiness, Handshake, Query, Target, ToBusiness,
+};
+use crate::protocol::worker::ConnectionInfo;
+
+/// WebSocket "try again later": no business worker could take the event.
+pub const CLOSE_TRY_AGAIN: u16 = 1013;
+/// WebSocket "policy violation": the client does not read what it is sent.
+pub const CLOSE_SLOW: u16 = 1008;
+/// WebSocket "going away": the host is stopping.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// What the hub sends a client's connection task.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A message to write.
+    Message(MessageKind, Bytes),
+    /// Close with this code and reason, then end.
+    Close(u16, String),
+}
+
+/// The hub's handle on one client connection.
+pub struct ClientHandle {
+    /// Messages and closes for the connection task.
+    pub outbound: mpsc::UnboundedSender<Outbound>,
+    /// Bytes queued in `outbound` and not yet written.
+    pub pending: Arc<AtomicUsize>,
+    /// Ends the connection at once (a client that does not read).
+    pub kill: Arc<Notify>,
+}
+
+/// What the hub reacts to.
+pub enum Input {
+    /// A client completed its handshake.
+    Connected {
+        /// Its key.
+        key: ClientKey,
+        /// Its address.
+        peer: String,
+        /// Its handshake (empty for `text`).
+        handshake: Handshake,
+        /// How to reach its task.
+        handle: ClientHandle,
+    },
+    /// A client sent a message.
+    Message(ClientKey, MessageKind, Bytes),
+    /// A client's connection ended, with the close code it got or gave.
+    Gone(ClientKey, Option<u16>),
+    /// A business worker connected; frames for it go to `writer`.
+    LinkUp(LinkId, mpsc::UnboundedSender<Vec<u8>>),
+    /// A business worker sent a frame.
+    Link(LinkId, FromBusiness),
+    /// A business worker's link ended.
+    LinkDown(LinkId),
+    /// The master asks for the client list.
+    Connections(oneshot::Sender<Vec<ConnectionInfo>>),
+    /// Close every client with 1001 (the host is stopping).
+    CloseAll,
+}
+
+struct Client {
+    handle: ClientHandle,
+    peer: String,
+    session: Bytes,
+    uids: HashSet<String>,
+    groups: HashSet<String>,
+    next_seq: u64,
+    connected: Instant,
+    messages_in: u64,
+    closing: bool,
+}
+
+/// The state of one gateway process.
+pub struct Hub {
+    gateway: u32,
+    nonce: u32,
+    max_outbound: usize,
+    clients: HashMap<ClientKey, Client>,
+    uids: HashMap<String, HashSet<ClientKey>>,
+    groups: HashMap<String, HashSet<ClientKey>>,
+    router: Router<Box<Event>>,
+    links: HashMap<LinkId, mpsc::UnboundedSender<Vec<u8>>>,
+    /// Frames to write per link this round.
+    frames: HashMap<LinkId, Vec<u8>>,
+    routed: Vec<(LinkId, Box<Event>)>,
+    stats: Arc<Stats>,
+}
+
+impl Hub {
+    /// The hub of gateway `gateway` (boot `nonce`).
+    pub fn new(
+        gateway: u32,
+        nonce: u32,
+        max_outbound: usize,
+        max_queued: usize,
+        stats: Arc<Stats>,
+    ) -> Hub {
+        Hub {
+            gateway,
+            nonce,
+            max_outbound,
+            clients: HashMap::new(),
+            uids: HashMap::new(),
+            groups: HashMap::new(),
+            router: Router::new(max_queued),
+            links: HashMap::new(),
+            frames: HashMap::new(),
+            routed: Vec::new(),
+            stats,
+        }
+    }
+
+    /// Applies inputs until every sender is gone.
+    pub async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) {
+        let mut batch = Vec::with_capacity(256);
+        while inputs.recv_many(&mut batch, 256).await > 0 {
+            for input in batch.drain(..) {
+                self.apply(input);
+            }
+            self.write_frames();
+        }
+    }
+
+    fn id(&self, key: ClientKey) -> ClientId {
+        ClientId {
+            gateway: self.gateway,
+            nonce: self.nonce,
+            counter: key,
+        }
+    }
+
+    /// The key of a client id of this gateway process.
+    fn key(&self, id: ClientId) -> Option<ClientKey> {
+        (id.gateway == self.gateway && id.nonce == self.nonce).then_some(id.counter)
+    }
+
+    fn apply(&mut self, input: Input) {
+        match input {
+            Input::Connected {
+                key,
+                peer,
+                handshake,
+                handle,
+            } => {
+                self.clients.insert(
+                    key,
+                    Client {
+                        handle,
+                        peer,
+                        session: Bytes::new(),
+                        uids: HashSet::new(),
+                        groups: HashSet::new(),
+                        next_seq: 0,
+                        connected: Instant::now(),
+                        messages_in: 0,
+                        closing: false,
+                    },
+                );
+                self.stats.clients.fetch_add(1, Ordering::Relaxed);
+                self.route(
+                    key,
+                    EventKind::Connect,
+                    MessageKind::Binary,
+                    Bytes::new(),
+                    Some(handshake),
+                );
+            }
+            Input::Message(key, kind, data) => {
+                if let Some(client) = self.clients.get_mut(&key) {
+                    client.messages_in += 1;
+                    self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                    self.route(key, EventKind::Message, kind, data, None);
+                }
+            }
+            Input::Gone(key, code) => self.gone(key, code),
+            Input::LinkUp(link, writer) => {
+                self.links.insert(link, writer);
+                self.router.link_up(link);
+            }
+            Input::Link(link, message) => self.from_business(link, message),
+            Input::LinkDown(link) => {
+                self.links.remove(&link);
+                self.frames.remove(&link);
+                let before = self.router.lost();
+                self.router.link_gone(link, &mut self.routed);
+                let lost = self.router.lost() - before;
+                if lost > 0 {
+                    tracing::warn!(
+                        lost,
+                        "a business worker ended with events it had not finished; they are lost"
+                    );
+                }
+                self.stats.lost.store(self.router.lost(), Ordering::Relaxed);
+                self.deliver_routed();
+            }
+            Input::Connections(reply) => {
+                let list = self
+                    .clients
+                    .iter()
+                    .map(|(key, c)| ConnectionInfo {
+                        peer: c.peer.clone(),
+                        state: format!("client {}", self.id(*key)),
+                        requests: c.messages_in,
+                        age_secs: c.connected.elapsed().as_secs_f64(),
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Input::CloseAll => {
+                let keys: Vec<ClientKey> = self.clients.keys().copied().collect();
+                for key in keys {
+                    self.close(key, CLOSE_GOING_AWAY, "server stopping");
+                }
+            }
+        }
+        self.stats
+            .queued
+            .store(self.router.queued(), Ordering::Relaxed);
+    }
+
+    fn route(
+        &mut self,
+        key: ClientKey,
+        kind: EventKind,
+        message_kind: MessageKind,
+        data: Bytes,
+        handshake: Option<Handshake>,
+    ) {
+        let id = self.id(key);
+        let Some(client) = self.clients.get_mut(&key) else {
+            return;
+        };
+        let event = Box::new(Event {
+            kind,
+            client: id,
+            seq: client.next_seq,
+            session: client.session.clone(),
+            peer: client.peer.clone(),
+            message_kind,
+            data,
+            handshake: handshake.map(Box::new),
+        });
+        client.next_seq += 1;
+        let close = kind == EventKind::Close;
+        if self
+            .router
+            .event(key, event, close, &mut self.routed)
+            .is_err()
+        {
+            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            self.router.drop_queued(key);
+            self.close(key, CLOSE_TRY_AGAIN, "no worker available, try again later");
+        }
+        self.deliver_routed();
+    }
+
+    fn deliver_routed(&mut self) {
+        for (link, event) in self.routed.drain(..) {
+            let frames = self.frames.entry(link).or_default();
+            ToBusiness::Event(event).encode(frames);
+        }
+    }
+
+    fn answer(&mut self, link: LinkId, request: u64, answer: Answer) {
+        let frames = self.frames.entry(link).or_default();
+        ToBusiness::Answer { request, answer }.encode(frames);
+    }
+
+    /// Hands this round's frames to the link writers.
+    fn write_frames(&mut self) {
+        for (link, frames) in self.frames.drain() {
+            if frames.is_empty() {
+                continue;
+            }
+            if let Some(writer) = self.links.get(&link) {
+                let _ = writer.send(frames);
+            }
+        }
+    }
+
+    fn gone(&mut self, key: ClientKey, code: Option<u16>) {
+        let Some(client) = self.clients.get(&key) else {
+            return;
+        };
+        let (uids, groups) = (client.uids.clone(), client.groups.clone());
+        if let Some(code) = code {
+            self.stats.closed(code);
+        }
+        self.stats.clients.fetch_sub(1, Ordering::Relaxed);
+        // The close event carries the session; the client is gone after it.
+        self.route(
+            key,
+            EventKind::Close,
+            MessageKind::Binary,
+            Bytes::new(),
+            None,
+        );
+        for uid in uids {
+            remove_member(&mut self.uids, &uid, key);
+        }
+        for group in groups {
+            remove_member(&mut self.groups, &group, key);
+        }
+        self.clients.remove(&key);
+    }
+
+    fn close(&mut self, key: ClientKey, code: u16, reason: &str) {
+        if let Some(client) = self.clients.get_mut(&key) {
+            if !client.closing {
+                client.closing = true;
+                let _ = client
+                    .handle
+                    .outbound
+                    .send(Outbound::Close(code, reason.to_owned()));
+            }
+        }
+    }
+
+    fn from_business(&mut self, link: LinkId, message: FromBusiness) {
+        match message {
+            FromBusiness::Ready => {
+                self.router.ready(link, &mut self.routed);
+                self.deliver_routed();
+            }
+            FromBusiness::Retiring => {
+                self.router.retiring(link);
+                let frames = self.frames.entry(link).or_default();
+                ToBusiness::Retired.encode(frames);
+            }
+            FromBusiness::Ack => {
+                self.router.ack(link, &mut self.routed);
+                self.deliver_routed();
+            }
+            FromBusiness::Send { target, kind, data } => self.send(target, kind, data),
+            FromBusiness::Close {
+                client,
+                code,
+                reason,
+            } => {
+                if let Some(key) = self.key(client) {
+                    self.close(key, code, &reason);
+                }
+            }
+            FromBusiness::BindUid(id, uid) => self.membership(id, uid, Membership::Uid, true),
+            FromBusiness::UnbindUid(id, uid) => self.membership(id, uid, Membership::Uid, false),
+            FromBusiness::JoinGroup(id, g) => self.membership(id, g, Membership::Group, true),
+            FromBusiness::LeaveGroup(id, g) => self.membership(id, g, Membership::Group, false),
+            FromBusiness::SetSession(id, session) => {
+                if let Some(client) = self.key(id).and_then(|k| self.clients.get_mut(&k)) {
+                    client.session = session;
+                }
+            }
+            FromBusiness::Query { request, query } => {
+                let answer = self.query(query);
+                self.answer(link, request, answer);
+            }
+        }
+    }
+
+    fn membership(&mut self, id: ClientId, name: String, kind: Membership, join: bool) {
+        let Some(key) = self.key(id) else { return };
+        let Some(client) = self.clients.get_mut(&key) else {
+            return;
+        };
+        let (own, index) = match kind {
+            Membership::Uid => (&mut client.uids, &mut self.uids),
+            Membership::Group => (&mut client.groups, &mut self.groups),
+        };
+        if join {
+            own.insert(name.clone());
+            index.entry(name).or_default().insert(key);
+        } else {
+            own.remove(&name);
+            remove_member(index, &name, key);
+        }
+    }
+
+    fn query(&self, query: Query) -> Answer {
+        let sorted = |keys: Option<&HashSet<ClientKey>>| {
+            let mut ids: Vec<ClientId> = keys
+                .into_iter()
+                .flatten()
+                .map(|key| self.id(*key))
+                .collect();
+            ids.sort();
+            Answer::Ids(ids)
+        };
+        match query {
+            Query::IsOnline(id) => {
+                Answer::Bool(self.key(id).is_some_and(|k| self.clients.contains_key(&k)))
+            }
+            Query::ClientCount => Answer::Count(self.clients.len() as u64),
+            Query::GroupClientIds(group) => sorted(self.groups.get(&group)),
+            Query::UidClientIds(uid) => sorted(self.uids.get(&uid)),
+            Query::Session(id) => Answer::Session(
+                self.key(id)
+                    .and_then(|k| self.clients.get(&k))
+                    .map(|c| c.session.clone()),
+            ),
+        }
+    }
+
+    fn send(&mut self, target: Target, kind: MessageKind, data: Bytes) {
+        let keys: Vec<ClientKey> = match target {
+            Target::Client(id) => self.key(id).into_iter().collect(),
+            Target::All { include, exclude } => {
+                let exclude: HashSet<ClientKey> =
+                    exclude.into_iter().filter_map(|id| self.key(id)).collect();
+                match include {
+                    Some(ids) => ids
+                        .into_iter()
+                        .filter_map(|id| self.key(id))
+                        .collect::<Vec<_>>(),
+                    None => self.clients.keys().copied().collect(),
+                }
+                .into_iter()
+                .filter(|k| !exclude.contains(k))
+                .collect()
+            }
+            Target::Uid(uid) => self.uids.get(&uid).into_iter().flatten().copied().collect(),
+            Target::Group { group, exclude } => {
+                let exclude: HashSet<ClientKey> =
+                    exclude.into_iter().filter_map(|id| self.key(id)).collect();
+                self.groups
+                    .get(&group)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|k| !exclude.contains(k))
+                    .collect()
+            }
+        };
+        for key in keys {
+            self.send_one(key, kind, data.clone());
+        }
+    }
+
+    fn send_one(&mut self, key: ClientKey, kind: MessageKind, data: Bytes) {
+        let Some(client) = self.clients.get(&key) else {
+            return;
+        };
+        if client.closing {
+            return;
+        }
+        let queued = client
+            .handle
+            .pending
+            .fetch_add(data.len(), Ordering::Relaxed)
+            + data.len();
+        if queued > self.max_outbound {
+            // It does not read: a close frame would not get through either.
+            tracing::debug!(client = %self.id(key), queued, "closing a client that does not read");
+            self.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+            client.handle.kill.notify_one();
+            if let Some(client) = self.clients.get_mut(&key) {
+                client.closing = true;
+            }
+            return;
+        }
+        self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+        let _ = client.handle.outbound.send(Outbound::Message(kind, data));
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Membership {
+    Uid,
+    Group,
+}
+
+fn remove_member(index: &mut HashMap<String, HashSet<ClientKey>>, name: &str, key: ClientKey) {
+    if let Some(members) = index.get_mut(name) {
+        members.remove(&key);
+        if members.is_empty() {
+            index.remove(name);
+        }
+    }
+}

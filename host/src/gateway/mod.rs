@@ -1,0 +1,321 @@
+//! A gateway process: holds the clients of a gateway group (WebSocket or
+//! newline-delimited text) and passes their events to business workers.
+//!
+//! It is host code and loads no handler, so `host reload` never replaces
+//! it (its group is not reloadable; it is only notified) and its clients
+//! stay connected while the handler changes under them. The master starts
+//! it like a worker (`host worker`, role `gateway`, the group's listener on
+//! fd 3) and restarts it if it dies; its clients die with it.
+//!
+//! Business workers connect to its Unix socket in the run directory (the
+//! directory is owner-only). One [`hub::Hub`] task owns all state; client
+//! connections ([`websocket`], [`text`]) and links are tasks that feed it.
+//!
+//! Stop: on the master's drain the gateway stops accepting, waits until the
+//! business workers have drained (their links closed, every event handled
+//! and its sends delivered) or `stop_timeout`, then closes every client
+//! with 1001 "going away".
+
+mod hub;
+mod router;
+mod text;
+mod websocket;
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use tokio::io::BufReader;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::Protocol;
+use crate::protocol::link::{read_frame, FromBusiness};
+use crate::protocol::worker::{FromWorker, GatewaySpec, ToWorker, WorkerSpec};
+use crate::protocol::{read_line, write_line};
+use hub::{Hub, Input};
+
+/// What a gateway counts, for status and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Clients connected.
+    pub clients: AtomicUsize,
+    /// Messages received from clients.
+    pub messages_in: AtomicU64,
+    /// Messages queued for clients.
+    pub messages_out: AtomicU64,
+    /// Events waiting for a business worker.
+    pub queued: AtomicUsize,
+    /// Events lost to business workers that ended before handling them.
+    pub lost: AtomicU64,
+    /// Clients closed because the event queue was full (1013).
+    pub queue_full: AtomicU64,
+    /// Clients closed because they did not read what they were sent.
+    pub slow_closes: AtomicU64,
+    /// Business worker links connected.
+    pub links: AtomicUsize,
+    /// Closes by WebSocket close code.
+    pub closes: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl Stats {
+    fn closed(&self, code: u16) {
+        *self
+            .closes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code)
+            .or_default() += 1;
+    }
+}
+
+/// Limits every client connection task needs.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    max_message_size: usize,
+    max_line: usize,
+    ping_interval: Duration,
+    missed_pongs: u32,
+    idle_timeout: Duration,
+    origins: Option<Vec<String>>,
+}
+
+/// Serves as gateway `gateway.index` until the master says stop.
+pub async fn run(
+    spec: &WorkerSpec,
+    gateway: &GatewaySpec,
+    listener: OwnedFd,
+    mut reader: BufReader<OwnedReadHalf>,
+    mut writer: OwnedWriteHalf,
+) -> Result<()> {
+    let started = listen(gateway, listener);
+    let (clients, links) = match started {
+        Ok(sockets) => sockets,
+        Err(error) => {
+            let error = format!("{error:#}");
+            write_line(
+                &mut writer,
+                &FromWorker::Failed {
+                    error: error.clone(),
+                },
+            )
+            .await?;
+            anyhow::bail!("{error}");
+        }
+    };
+    let stats = Arc::new(Stats::default());
+    let (inputs, hub_inputs) = mpsc::unbounded_channel();
+    let hub = Hub::new(
+        gateway.index,
+        boot_nonce(),
+        gateway.max_outbound_bytes,
+        gateway.max_queued_events,
+        stats.clone(),
+    );
+    let hub_task = tokio::spawn(hub.run(hub_inputs));
+    let limits = Arc::new(Limits {
+        max_message_size: gateway.max_message_size,
+        max_line: gateway.max_line,
+        ping_interval: Duration::from_millis(gateway.ping_interval_ms.max(1)),
+        missed_pongs: gateway.missed_pongs,
+        idle_timeout: Duration::from_millis(gateway.idle_timeout_ms.max(1)),
+        origins: gateway.origins.clone(),
+    });
+    let (stop_accepting, accepting) = watch::channel(false);
+    tokio::spawn(accept_clients(
+        clients,
+        gateway.protocol,
+        limits,
+        inputs.clone(),
+        accepting,
+    ));
+    tokio::spawn(accept_links(links, inputs.clone(), stats.clone()));
+    write_line(
+        &mut writer,
+        &FromWorker::Ready {
+            handler_name: "gateway".to_owned(),
+            handler_version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+    )
+    .await?;
+    tracing::info!(gateway = gateway.index, socket = %gateway.socket.display(), "gateway ready");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    loop {
+        let message = tokio::select! {
+            message = read_line::<_, ToWorker>(&mut reader) => message,
+            _ = sigterm.recv() => Ok(Some(ToWorker::Drain)),
+        };
+        match message {
+            Ok(Some(ToWorker::Connections)) => {
+                let (reply, answer) = oneshot::channel();
+                let _ = inputs.send(Input::Connections(reply));
+                let connections = answer.await.unwrap_or_default();
+                write_line(&mut writer, &FromWorker::Connections { connections }).await?;
+            }
+            Ok(Some(ToWorker::ReopenLog { path })) => {
+                if let Some(path) = path {
+                    if let Err(e) = crate::logfile::reopen(&path) {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+            }
+            Ok(Some(ToWorker::ReloadNotify)) => {
+                tracing::debug!("reload: gateways keep their clients");
+            }
+            Ok(Some(ToWorker::Start(_))) => tracing::warn!("ignoring a second start message"),
+            Ok(Some(ToWorker::Stop)) => break,
+            Ok(Some(ToWorker::Drain)) | Ok(None) | Err(_) => {
+                let _ = stop_accepting.send(true);
+                let stop_timeout = Duration::from_millis(spec.stop_timeout_ms);
+                drain(&inputs, &stats, stop_timeout).await;
+                break;
+            }
+        }
+    }
+    drop(inputs);
+    hub_task.abort();
+    let _ = std::fs::remove_file(&gateway.socket);
+    Ok(())
+}
+
+/// Waits for the business workers to drain, then closes every client with
+/// 1001 and waits (briefly) for the closes to go out.
+async fn drain(inputs: &mpsc::UnboundedSender<Input>, stats: &Stats, stop_timeout: Duration) {
+    let deadline = Instant::now() + stop_timeout;
+    while stats.links.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = inputs.send(Input::CloseAll);
+    let closing = Instant::now() + Duration::from_secs(2);
+    while stats.clients.load(Ordering::Relaxed) > 0 && Instant::now() < closing {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The inherited client listener and this gateway's link socket.
+fn listen(gateway: &GatewaySpec, listener: OwnedFd) -> Result<(TcpListener, UnixListener)> {
+    let listener = std::net::TcpListener::from(listener);
+    listener
+        .set_nonblocking(true)
+        .context("cannot set the listener non-blocking")?;
+    let clients = TcpListener::from_std(listener).context("cannot use the inherited listener")?;
+    // A socket left by a gateway that died is in the way.
+    let _ = std::fs::remove_file(&gateway.socket);
+    let links = UnixListener::bind(&gateway.socket)
+        .with_context(|| format!("cannot listen on {}", gateway.socket.display()))?;
+    std::fs::set_permissions(&gateway.socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", gateway.socket.display()))?;
+    Ok((clients, links))
+}
+
+/// A number that differs between two starts of a gateway, so client ids of
+/// a dead gateway process never name a client of its successor.
+fn boot_nonce() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // splitmix64 of time and pid.
+    let mut z = nanos ^ (u64::from(std::process::id()) << 32);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as u32
+}
+
+async fn accept_clients(
+    listener: TcpListener,
+    protocol: Protocol,
+    limits: Arc<Limits>,
+    inputs: mpsc::UnboundedSender<Input>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut next_key = 0u64;
+    let mut last_error: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let key = next_key;
+                next_key += 1;
+                let (limits, inputs) = (limits.clone(), inputs.clone());
+                match protocol {
+                    Protocol::Text => tokio::spawn(text::serve(stream, peer, key, limits, inputs)),
+                    _ => tokio::spawn(websocket::serve(stream, peer, key, limits, inputs)),
+                };
+            }
+            Err(e) => {
+                if last_error.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!("cannot accept a client: {e}");
+                    last_error = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn accept_links(
+    listener: UnixListener,
+    inputs: mpsc::UnboundedSender<Input>,
+    stats: Arc<Stats>,
+) {
+    let mut next_link = 0u64;
+    while let Ok((stream, _)) = listener.accept().await {
+        let link = next_link;
+        next_link += 1;
+        let (mut reader, mut writer) = stream.into_split();
+        let (frames, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+        if inputs.send(Input::LinkUp(link, frames)).is_err() {
+            return;
+        }
+        stats.links.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            while let Some(mut buffer) = outgoing.recv().await {
+                while let Ok(more) = outgoing.try_recv() {
+                    buffer.extend_from_slice(&more);
+                }
+                if writer.write_all(&buffer).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (inputs, stats) = (inputs.clone(), stats.clone());
+        tokio::spawn(async move {
+            let mut reader = BufReader::with_capacity(64 << 10, &mut reader);
+            loop {
+                match read_frame(&mut reader).await {
+                    Ok(Some(frame)) => match FromBusiness::decode(&frame) {
+                        Ok(message) => {
+                            if inputs.send(Input::Link(link, message)).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!("bad frame from a business worker: {e:#}");
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!("business link ended: {e:#}");
+                        break;
+                    }
+                }
+            }
+            let _ = inputs.send(Input::LinkDown(link));
+            stats.links.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}

@@ -1,0 +1,134 @@
+//! One client of the `text` protocol: newline-delimited messages over TCP,
+//! for devices. A line (without its `\n`, and a `\r` before it) is one
+//! message, text when it is UTF-8, else binary; each message sent to the
+//! client is written with a `\n` after it. A line longer than `max_line`
+//! closes the connection; so does silence longer than `idle_timeout`.
+//! Close codes are WebSocket's, for the metrics only: the text protocol
+//! has no close frame.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use handler_api::MessageKind;
+use tokio::io::{
+    AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, BufWriter,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+
+use super::hub::{ClientHandle, Input, Outbound, CLOSE_SLOW};
+use super::Limits;
+use crate::protocol::link::Handshake;
+
+/// Serves one client until it or the hub closes it.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    key: u64,
+    limits: Arc<Limits>,
+    hub: mpsc::UnboundedSender<Input>,
+) {
+    let (outbound, messages) = mpsc::unbounded_channel();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let kill = Arc::new(Notify::new());
+    let handle = ClientHandle {
+        outbound,
+        pending: pending.clone(),
+        kill: kill.clone(),
+    };
+    let connected = Input::Connected {
+        key,
+        peer: peer.to_string(),
+        handshake: Handshake::default(),
+        handle,
+    };
+    if hub.send(connected).is_err() {
+        return;
+    }
+    let code = tokio::select! {
+        code = converse(stream, key, &limits, &hub, messages, &pending) => code,
+        _ = kill.notified() => Some(CLOSE_SLOW),
+    };
+    let _ = hub.send(Input::Gone(key, code));
+}
+
+async fn converse(
+    stream: TcpStream,
+    key: u64,
+    limits: &Limits,
+    hub: &mpsc::UnboundedSender<Input>,
+    mut messages: mpsc::UnboundedReceiver<Outbound>,
+    pending: &AtomicUsize,
+) -> Option<u16> {
+    let (reader, writer) = stream.into_split();
+    let mut reader = BufReader::with_capacity(4 << 10, reader);
+    let mut writer = BufWriter::new(writer);
+    let mut line = Vec::new();
+    loop {
+        tokio::select! {
+            read = async {
+                let room = (limits.max_line + 2).saturating_sub(line.len()) as u64;
+                (&mut reader).take(room).read_until(b'\n', &mut line).await
+            } => {
+                match read {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) if line.last() != Some(&b'\n') => {
+                        if line.len() > limits.max_line + 1 {
+                            let _ = writer.write_all(b"error: line too long\n").await;
+                            let _ = writer.flush().await;
+                            return Some(1009);
+                        }
+                    }
+                    Ok(_) => {
+                        line.pop();
+                        if line.last() == Some(&b'\r') {
+                            line.pop();
+                        }
+                        if line.len() > limits.max_line {
+                            let _ = writer.write_all(b"error: line too long\n").await;
+                            let _ = writer.flush().await;
+                            return Some(1009);
+                        }
+                        let data = Bytes::from(std::mem::take(&mut line));
+                        let kind = if std::str::from_utf8(&data).is_ok() {
+                            MessageKind::Text
+                        } else {
+                            MessageKind::Binary
+                        };
+                        let _ = hub.send(Input::Message(key, kind, data));
+                    }
+                }
+            }
+            outgoing = messages.recv() => {
+                let Some(mut next) = outgoing else { return None };
+                loop {
+                    match next {
+                        Outbound::Message(_, data) => {
+                            pending.fetch_sub(data.len(), Ordering::Relaxed);
+                            if writer.write_all(&data).await.is_err()
+                                || writer.write_all(b"\n").await.is_err()
+                            {
+                                return None;
+                            }
+                        }
+                        Outbound::Close(code, _) => {
+                            let _ = writer.flush().await;
+                            let _ = writer.shutdown().await;
+                            return Some(code);
+                        }
+                    }
+                    match messages.try_recv() {
+                        Ok(more) => next = more,
+                        Err(_) => break,
+                    }
+                }
+                if writer.flush().await.is_err() {
+                    return None;
+                }
+            }
+            _ = tokio::time::sleep(limits.idle_timeout) => return Some(1000),
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! The link between a gateway process and a business worker: one stream
+//! per pair, carrying length-prefixed binary frames.
+//!
+//! A frame is `u32` length (big-endian, of what follows), a tag byte, then
+//! the fields in order; bytes and strings are `u32`-length-prefixed. Nothing
+//! here knows the transport: today a Unix socket in the run directory, and
+//! the same frames could cross TCP between machines.
+//!
+//! Gateway → worker: client [`Event`]s, each with the client's sequence
+//! number and session, and [`Answer`]s to queries. Worker → gateway:
+//! `Ready`, `Retiring`, one `Ack` per event after the handler returned, and
+//! the gateway calls the handler made ([`FromBusiness`]). Sends made while
+//! handling an event are written before its `Ack`, on the same stream, so
+//! they reach the client before the gateway can move it to another worker.
+
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use handler_api::{ClientId, MessageKind};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+
+/// Largest frame accepted from the other side.
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// What a client event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The client connected.
+    Connect,
+    /// The client sent a message.
+    Message,
+    /// The client's connection closed.
+    Close,
+}
+
+/// How the client connected (sent with `Connect` events only).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Handshake {
+    /// The request path (with its query).
+    pub path: String,
+    /// The first subprotocol the client offered, or empty.
+    pub subprotocol: String,
+    /// The request headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// One client event for a business worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Connect, message or close.
+    pub kind: EventKind,
+    /// The client.
+    pub client: ClientId,
+    /// The client's event number, from 0, for checking order.
+    pub seq: u64,
+    /// The client's session when the event left the gateway.
+    pub session: Bytes,
+    /// The client's address.
+    pub peer: String,
+    /// The message's kind (messages only).
+    pub message_kind: MessageKind,
+    /// The message (messages only).
+    pub data: Bytes,
+    /// The handshake (connects only).
+    pub handshake: Option<Box<Handshake>>,
+}
+
+/// Whom a send is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One client.
+    Client(ClientId),
+    /// Every client (of `include` when given) except those of `exclude`.
+    All {
+        /// The only clients to send to, if given.
+        include: Option<Vec<ClientId>>,
+        /// Clients left out.
+        exclude: Vec<ClientId>,
+    },
+    /// The clients bound to a uid.
+    Uid(String),
+    /// The clients of a group, except those of `exclude`.
+    Group {
+        /// The group.
+        group: String,
+        /// Clients left out.
+        exclude: Vec<ClientId>,
+    },
+}
+
+/// A question a handler asks the gateways.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// Whether a client is connected.
+    IsOnline(ClientId),
+    /// How many clients the gateway holds.
+    ClientCount,
+    /// The clients in a group.
+    GroupClientIds(String),
+    /// The clients bound to a uid.
+    UidClientIds(String),
+    /// A client's session.
+    Session(ClientId),
+}
+
+/// A gateway's answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Yes or no.
+    Bool(bool),
+    /// A count.
+    Count(u64),
+    /// Client ids.
+    Ids(Vec<ClientId>),
+    /// A session, if the client is connected.
+    Session(Option<Bytes>),
+}
+
+/// Gateway → business worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToBusiness {
+    /// A client event to hand to the handler, then ack.
+    Event(Box<Event>),
+    /// After `Retiring`: no more events will come on this link.
+    Retired,
+    /// The answer to the worker's query `request`.
+    Answer {
+        /// The query's number.
+        request: u64,
+        /// The answer.
+        answer: Answer,
+    },
+}
+
+/// Business worker → gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromBusiness {
+    /// The worker takes events.
+    Ready,
+    /// The worker is draining: no new clients' events; it acks what it has.
+    Retiring,
+    /// The oldest unacknowledged event on this link was handled.
+    Ack,
+    /// Send a message.
+    Send {
+        /// To whom.
+        target: Target,
+        /// Text or binary.
+        kind: MessageKind,
+        /// The message.
+        data: Bytes,
+    },
+    /// Close a client.
+    Close {
+        /// The client.
+        client: ClientId,
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
+    /// Bind a client to a uid.
+    BindUid(ClientId, String),
+    /// Unbind a client from a uid.
+    UnbindUid(ClientId, String),
+    /// Add a client to a group.
+    JoinGroup(ClientId, String),
+    /// Remove a client from a group.
+    LeaveGroup(ClientId, String),
+    /// Replace a client's session.
+    SetSession(ClientId, Bytes),
+    /// Ask something; answered with the same `request`.
+    Query {
+        /// Chosen by the worker.
+        request: u64,
+        /// The question.
+        query: Query,
+    },
+}
+
+/// Appends fields to a frame.
+struct Encoder<'a>(&'a mut Vec<u8>);
+
+impl Encoder<'_> {
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+        self
+    }
+    fn id(&mut self, id: ClientId) -> &mut Self {
+        self.u32(id.gateway).u32(id.nonce).u64(id.counter)
+    }
+    fn ids(&mut self, ids: &[ClientId]) -> &mut Self {
+        self.u32(ids.len() as u32);
+        for id in ids {
+            self.id(*id);
+        }
+        self
+    }
+    fn kind(&mut self, kind: MessageKind) -> &mut Self {
+        self.u8(match kind {
+            MessageKind::Text => 0,
+            MessageKind::Binary => 1,
+        })
+    }
+}
+
+/// Reads fields of a frame, failing on truncation.
+struct Decoder<'a>(&'a [u8]);
+
+impl Decoder<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        if self.0.len() < n {
+            bail!("truncated link frame");
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into()?))
+    }
+    fn bytes(&mut self) -> Result<Bytes> {
+        let n = self.u32()? as usize;
+        Ok(Bytes::copy_from_slice(self.take(n)?))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).context("a link string is not UTF-8")
+    }
+    fn id(&mut self) -> Result<ClientId> {
+        Ok(ClientId {
+            gateway: self.u32()?,
+            nonce: self.u32()?,
+            counter: self.u64()?,
+        })
+    }
+    fn ids(&mut self) -> Result<Vec<ClientId>> {
+        let n = self.u32()? as usize;
+        if n > self.0.len() / 16 {
+            bail!("truncated link frame");
+        }
+        (0..n).map(|_| self.id()).collect()
+    }
+    fn kind(&mut self) -> Result<MessageKind> {
+        match self.u8()? {
+            0 => Ok(MessageKind::Text),
+            1 => Ok(MessageKind::Binary),
+            other => bail!("unknown message kind {other} on the link"),
+        }
+    }
+}
+
+/// Appends one frame to `out`: its length, then what `body` writes.
+fn frame(out: &mut Vec<u8>, body: impl FnOnce(&mut Encoder<'_>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    body(&mut Encoder(out));
+    let length = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&length.to_be_bytes());
+}
+
+/// Reads one frame's body; `None` at a clean end of stream.
+pub async fn read_frame(reader: &mut (impl AsyncRead + Unpin)) -> Result<Option<Vec<u8>>> {
+    let length = match reader.read_u32().await {
+        Ok(length) => length as usize,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e).context("cannot read from the link"),
+    };
+    if length > MAX_FRAME {
+        bail!("a link frame of {length} bytes is over the limit");
+    }
+    let mut body = vec![0; length];
+    reader
+        .read_exact(&mut body)
+        .await
+        .context("the link closed inside a frame")?;
+    Ok(Some(body))
+}
+
+impl ToBusiness {
+    /// Appends this message as a frame.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        frame(out, |e| match self {
+            ToBusiness::Event(event) => {
+                let kind = match event.kind {
+                    EventKind::Connect => 0,
+                    EventKind::Message => 1,
+                    EventKind::Close => 2,
+                };
+                e.u8(kind)
+                    .id(event.client)
+                    .u64(event.seq)
+                    .bytes(&event.session)
+                    .bytes(event.peer.as_bytes())
+                    .kind(event.message_kind)
+                    .bytes(&event.data);
+                if let Some(handshake) = &event.handshake {
+                    e.bytes(handshake.path.as_bytes())
+                        .bytes(handshake.subprotocol.as_bytes())
+                        .u32(handshake.headers.len() as u32);
+                    for (name, value) in &handshake.headers {
+                        e.bytes(name.as_bytes()).bytes(value);
+                    }
+                }
+            }
+            ToBusiness::Retired => {
+                e.u8(4);
+            }
+            ToBusiness::Answer { request, answer } => {
+                e.u8(3).u64(*request);
+                match answer {
+                    Answer::Bool(b) => e.u8(0).u8(u8::from(*b)),
+                    Answer::Count(n) => e.u8(1).u64(*n),
+                    Answer::Ids(ids) => e.u8(2).ids(ids),
+                    Answer::Session(None) => e.u8(3),
+                    Answer::Session(Some(s)) => e.u8(4).bytes(s),
+                };
+            }
+        })
+    }
+
+    /// Reads a frame body written by [`ToBusiness::encode`].
+    pub fn decode(body: &[u8]) -> Result<ToBusiness> {
+        let mut d = Decoder(body);
+        let tag = d.u8()?;
+        let kind = match tag {
+            0 => EventKind::Connect,
+            1 => EventKind::Message,
+            2 => EventKind::Close,
+            3 => {
+                let request = d.u64()?;
+                let answer = match d.u8()? {
+                    0 => Answer::Bool(d.u8()? != 0),
+                    1 => Answer::Count(d.u64()?),
+                    2 => Answer::Ids(d.ids()?),
+                    3 => Answer::Session(None),
+                    4 => Answer::Session(Some(d.bytes()?)),
+                    other => bail!("unknown answer {other} on the link"),
+                };
+                return Ok(ToBusiness::Answer { request, answer });
+            }
+            4 => return Ok(ToBusiness::Retired),
+            other => bail!("unknown gateway message {other} on the link"),
+        };
+        let client = d.id()?;
+        let seq = d.u64()?;
+        let session = d.bytes()?;
+        let peer = d.string()?;
+        let message_kind = d.kind()?;
+        let data = d.bytes()?;
+        let handshake = if kind == EventKind::Connect {
+            let path = d.string()?;
+            let subprotocol = d.string()?;
+            let count = d.u32()? as usize;
+            let mut headers = Vec::with_capacity(count.min(256));
+            for _ in 0..count {
+                headers.push((d.string()?, d.bytes()?.to_vec()));
+            }
+            Some(Box::new(Handshake {
+                path,
+                subprotocol,
+                headers,
+            }))
+        } else {
+            None
+        };
+        Ok(ToBusiness::Event(Box::new(Event {
+            kind,
+            client,
+            seq,
+            session,
+            peer,
+            message_kind,
+            data,
+            handshake,
+        })))
+    }
+}
+
+impl FromBusiness {
+    /// Appends this message as a frame.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        frame(out, |e| match self {
+            FromBusiness::Ready => {
+                e.u8(0);
+            }
+            FromBusiness::Retiring => {
+                e.u8(1);
+            }
+            FromBusiness::Ack => {
+                e.u8(2);
+            }
+            FromBusiness::Send { target, kind, data } => {
+                e.u8(3);
+                match target {
+                    Target::Client(id) => e.u8(0).id(*id),
+                    Target::All { include, exclude } => {
+                        e.u8(1).u8(u8::from(include.is_some()));
+                        e.ids(include.as_deref().unwrap_or_default()).ids(exclude)
+                    }
+                    Target::Uid(uid) => e.u8(2).bytes(uid.as_bytes()),
+                    Target::Group { group, exclude } => {
+                        e.u8(3).bytes(group.as_bytes()).ids(exclude)
+                    }
+                };
+                e.kind(*kind).bytes(data);
+            }
+            FromBusiness::Close {
+                client,
+                code,
+                reason,
+            } => {
+                e.u8(4).id(*client).u16(*code).bytes(reason.as_bytes());
+            }
+            FromBusiness::BindUid(id, s) => {
+                e.u8(5).id(*id).bytes(s.as_bytes());
+            }
+            FromBusiness::UnbindUid(id, s) => {
+                e.u8(6).id(*id).bytes(s.as_bytes());
+            }
+            FromBusiness::JoinGroup(id, s) => {
+                e.u8(7).id(*id).bytes(s.as_bytes());
+            }
+            FromBusiness::LeaveGroup(id, s) => {
+                e.u8(8).id(*id).bytes(s.as_bytes());
+            }
+            FromBusiness::SetSession(id, s) => {
+                e.u8(9).id(*id).bytes(s);
+            }
+            FromBusiness::Query { request, query } => {
+                e.u8(10).u64(*request);
+                match query {
+                    Query::IsOnline(id) => e.u8(0).id(*id),
+                    Query::ClientCount => e.u8(1),
+                    Query::GroupClientIds(g) => e.u8(2).bytes(g.as_bytes()),
+                    Query::UidClientIds(u) => e.u8(3).bytes(u.as_bytes()),
+                    Query::Session(id) => e.u8(4).id(*id),
+                };
+            }
+        })
+    }
+
+    /// Reads a frame body written by [`FromBusiness::encode`].
+    pub fn decode(body: &[u8]) -> Result<FromBusiness> {
+        let mut d = Decoder(body);
+        Ok(match d.u8()? {
+            0 => FromBusiness::Ready,
+            1 => FromBusiness::Retiring,
+            2 => FromBusiness::Ack,
+            3 => {
+                let target = match d.u8()? {
+                    0 => Target::Client(d.id()?),
+                    1 => {
+                        let given = d.u8()? != 0;
+                        let include = d.ids()?;
+                        Target::All {
+                            include: given.then_some(include),
+                            exclude: d.ids()?,
+                        }
+                    }
+                    2 => Target::Uid(d.string()?),
+                    3 => Target::Group {
+                        group: d.string()?,
+                        exclude: d.ids()?,
+                    },
+                    other => bail!("unknown send target {other} on the link"),
+                };
+                FromBusiness::Send {
+                    target,
+                    kind: d.kind()?,
+                    data: d.bytes()?,
+                }
+            }
+            4 => FromBusiness::Close {
+                client: d.id()?,
+                code: d.u16()?,
+                reason: d.string()?,
+            },
+            5 => FromBusiness::BindUid(d.id()?, d.string()?),
+            6 => FromBusiness::UnbindUid(d.id()?, d.string()?),
+            7 => FromBusiness::JoinGroup(d.id()?, d.string()?),
+            8 => FromBusiness::LeaveGroup(d.id()?, d.string()?),
+            9 => FromBusiness::SetSession(d.id()?, d.bytes()?),
+            10 => {
+                let request = d.u64()?;
+                let query = match d.u8()? {
+                    0 => Query::IsOnline(d.id()?),
+                    1 => Query::ClientCount,
+                    2 => Query::GroupClientIds(d.string()?),
+                    3 => Query::UidClientIds(d.string()?),
+                    4 => Query::Session(d.id()?),
+                    other => bail!("unknown query {other} on the link"),
+                };
+                FromBusiness::Query { request, query }
+            }
+            other => bail!("unknown worker message {other} on the link"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(counter: u64) -> ClientId {
+        ClientId {
+            gateway: 1,
+            nonce: 7,
+            counter,
+        }
+    }
+
+    async fn read_all(bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut reader = bytes;
+        let mut frames = Vec::new();
+        while let Some(frame) = read_frame(&mut reader).await.unwrap() {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn every_message_reads_back_as_written() {
+        let to_business = vec![
+            ToBusiness::Event(Box::new(Event {
+                kind: EventKind::Connect,
+                client: id(1),
+                seq: 0,
+                session: Bytes::new(),
+                peer: "127.0.0.1:5000".into(),
+                message_kind: MessageKind::Binary,
+                data: Bytes::new(),
+                handshake: Some(Box::new(Handshake {
+                    path: "/chat?x=1".into(),
+                    subprotocol: "v1".into(),
+                    headers: vec![("origin".into(), b"http://a".to_vec())],
+                })),
+            })),
+            ToBusiness::Event(Box::new(Event {
+                kind: EventKind::Message,
+                client: id(1),
+                seq: 1,
+                session: Bytes::from_static(b"s"),
+                peer: "p".into(),
+                message_kind: MessageKind::Text,
+                data: Bytes::from_static(b"hello"),
+                handshake: None,
+            })),
+            ToBusiness::Answer {
+                request: 9,
+                answer: Answer::Ids(vec![id(1), id(2)]),
+            },
+            ToBusiness::Retired,
+            ToBusiness::Answer {
+                request: 10,
+                answer: Answer::Session(Some(Bytes::from_static(b"x"))),
+            },
+        ];
+        let mut out = Vec::new();
+        for m in &to_business {
+            m.encode(&mut out);
+        }
+        let back: Vec<ToBusiness> = read_all(&out)
+            .await
+            .iter()
+            .map(|f| ToBusiness::decode(f).unwrap())
+            .collect();
+        assert_eq!(back, to_business);
+
+        let from_business = vec![
+            FromBusiness::Ready,
+            FromBusiness::Ack,
+            FromBusiness::Send {
+                target: Target::All {
+                    include: Some(vec![]),
+                    exclude: vec![id(3)],
+                },
+                kind: MessageKind::Text,
+                data: Bytes::from_static(b"hi"),
+            },
+            FromBusiness::Send {
+                target: Target::Group {
+                    group: "room".into(),
+                    exclude: vec![],
+                },
+                kind: MessageKind::Binary,
+                data: Bytes::from_static(b"\0"),
+            },
+            FromBusiness::Close {
+                client: id(4),
+                code: 1000,
+                reason: "bye".into(),
+            },
+            FromBusiness::SetSession(id(5), Bytes::from_static(b"name")),
+            FromBusiness::Query {
+                request: 1,
+                query: Query::UidClientIds("ann".into()),
+            },
+        ];
+        let mut out = Vec::new();
+        for m in &from_business {
+            m.encode(&mut out);
+        }
+        let back: Vec<FromBusiness> = read_all(&out)
+            .await
+            .iter()
+            .map(|f| FromBusiness::decode(f).unwrap())
+            .collect();
+        assert_eq!(back, from_business);
+    }
+
+    #[test]
+    fn truncated_frames_are_errors() {
+        let mut out = Vec::new();
+        FromBusiness::BindUid(id(1), "ann".into()).encode(&mut out);
+        assert!(FromBusiness::decode(&out[4..out.len() - 1]).is_err());
+        assert!(ToBusiness::decode(&[3, 0]).is_err());
+    }
+}
