@@ -28,6 +28,43 @@ pub struct WorkerCounters {
     pub timeouts: [AtomicU64; 2],
     /// Failed `accept` calls (out of file descriptors, mostly).
     pub accept_errors: AtomicU64,
+    /// A gateway's own counts (zero for other workers). A gateway also
+    /// keeps `connections` (its clients), `in_flight` (events waiting for a
+    /// business worker) and `requests` (messages from clients).
+    pub gateway: GatewayCounters,
+}
+
+/// The close codes counted one by one; others count as `other`.
+pub const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1005, 1007, 1008, 1009, 1011, 1013];
+
+/// What a gateway process counts beyond [`WorkerCounters`]' common fields.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct GatewayCounters {
+    /// Messages received from clients.
+    pub messages_in: AtomicU64,
+    /// Messages queued for clients.
+    pub messages_out: AtomicU64,
+    /// Events lost with a business worker that ended before handling them.
+    pub events_lost: AtomicU64,
+    /// Clients closed because no business worker could take their events
+    /// and the queue was full (1013).
+    pub queue_full: AtomicU64,
+    /// Clients closed because they did not read what they were sent.
+    pub slow_closes: AtomicU64,
+    /// Closed connections by close code ([`CLOSE_CODES`], then other ones).
+    pub closes: [AtomicU64; CLOSE_CODES.len() + 1],
+}
+
+impl GatewayCounters {
+    /// Counts a closed connection.
+    pub fn count_close(&self, code: u16) {
+        let index = CLOSE_CODES
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(CLOSE_CODES.len());
+        self.closes[index].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Which timeout, as an index of [`WorkerCounters::timeouts`].

@@ -16,7 +16,7 @@ use handler_api::{ClientId, MessageKind};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::router::{ClientKey, LinkId, Router};
-use super::Stats;
+use crate::counters::SharedCounters;
 use crate::protocol::link::{
     Answer, Event, EventKind, FromBusiness, Handshake, Query, Target, ToBusiness,
 };
@@ -102,7 +102,7 @@ pub struct Hub {
     /// Frames to write per link this round.
     frames: HashMap<LinkId, Vec<u8>>,
     routed: Vec<(LinkId, Box<Event>)>,
-    stats: Arc<Stats>,
+    counters: Arc<SharedCounters>,
 }
 
 impl Hub {
@@ -112,7 +112,7 @@ impl Hub {
         nonce: u32,
         max_outbound: usize,
         max_queued: usize,
-        stats: Arc<Stats>,
+        counters: Arc<SharedCounters>,
     ) -> Hub {
         Hub {
             gateway,
@@ -125,7 +125,7 @@ impl Hub {
             links: HashMap::new(),
             frames: HashMap::new(),
             routed: Vec::new(),
-            stats,
+            counters,
         }
     }
 
@@ -175,7 +175,7 @@ impl Hub {
                         closing: false,
                     },
                 );
-                self.stats.clients.fetch_add(1, Ordering::Relaxed);
+                self.counters.connections.fetch_add(1, Ordering::Relaxed);
                 self.route(
                     key,
                     EventKind::Connect,
@@ -187,7 +187,11 @@ impl Hub {
             Input::Message(key, kind, data) => {
                 if let Some(client) = self.clients.get_mut(&key) {
                     client.messages_in += 1;
-                    self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                    self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .gateway
+                        .messages_in
+                        .fetch_add(1, Ordering::Relaxed);
                     self.route(key, EventKind::Message, kind, data, None);
                 }
             }
@@ -209,7 +213,10 @@ impl Hub {
                         "a business worker ended with events it had not finished; they are lost"
                     );
                 }
-                self.stats.lost.store(self.router.lost(), Ordering::Relaxed);
+                self.counters
+                    .gateway
+                    .events_lost
+                    .store(self.router.lost(), Ordering::Relaxed);
                 self.deliver_routed();
             }
             Input::Connections(reply) => {
@@ -232,9 +239,9 @@ impl Hub {
                 }
             }
         }
-        self.stats
-            .queued
-            .store(self.router.queued(), Ordering::Relaxed);
+        self.counters
+            .in_flight
+            .store(self.router.queued() as u64, Ordering::Relaxed);
     }
 
     fn route(
@@ -266,7 +273,10 @@ impl Hub {
             .event(key, event, close, &mut self.routed)
             .is_err()
         {
-            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .gateway
+                .queue_full
+                .fetch_add(1, Ordering::Relaxed);
             self.router.drop_queued(key);
             self.close(key, CLOSE_TRY_AGAIN, "no worker available, try again later");
         }
@@ -303,9 +313,9 @@ impl Hub {
         };
         let (uids, groups) = (client.uids.clone(), client.groups.clone());
         if let Some(code) = code {
-            self.stats.closed(code);
+            self.counters.gateway.count_close(code);
         }
-        self.stats.clients.fetch_sub(1, Ordering::Relaxed);
+        self.counters.connections.fetch_sub(1, Ordering::Relaxed);
         // The close event carries the session; the client is gone after it.
         self.route(
             key,
@@ -469,14 +479,20 @@ impl Hub {
         if queued > self.max_outbound {
             // It does not read: a close frame would not get through either.
             tracing::debug!(client = %self.id(key), queued, "closing a client that does not read");
-            self.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .gateway
+                .slow_closes
+                .fetch_add(1, Ordering::Relaxed);
             client.handle.kill.notify_one();
             if let Some(client) = self.clients.get_mut(&key) {
                 client.closing = true;
             }
             return;
         }
-        self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .gateway
+            .messages_out
+            .fetch_add(1, Ordering::Relaxed);
         let _ = client.handle.outbound.send(Outbound::Message(kind, data));
     }
 }

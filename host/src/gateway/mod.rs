@@ -21,11 +21,10 @@ mod router;
 mod text;
 mod websocket;
 
-use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt as _;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -36,44 +35,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Protocol;
+use crate::counters::SharedCounters;
 use crate::protocol::link::{read_frame, FromBusiness};
 use crate::protocol::worker::{FromWorker, GatewaySpec, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
 use hub::{Hub, Input};
-
-/// What a gateway counts, for status and metrics.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Clients connected.
-    pub clients: AtomicUsize,
-    /// Messages received from clients.
-    pub messages_in: AtomicU64,
-    /// Messages queued for clients.
-    pub messages_out: AtomicU64,
-    /// Events waiting for a business worker.
-    pub queued: AtomicUsize,
-    /// Events lost to business workers that ended before handling them.
-    pub lost: AtomicU64,
-    /// Clients closed because the event queue was full (1013).
-    pub queue_full: AtomicU64,
-    /// Clients closed because they did not read what they were sent.
-    pub slow_closes: AtomicU64,
-    /// Business worker links connected.
-    pub links: AtomicUsize,
-    /// Closes by WebSocket close code.
-    pub closes: Mutex<BTreeMap<u16, u64>>,
-}
-
-impl Stats {
-    fn closed(&self, code: u16) {
-        *self
-            .closes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(code)
-            .or_default() += 1;
-    }
-}
 
 /// Limits every client connection task needs.
 #[derive(Debug, Clone)]
@@ -91,11 +57,12 @@ pub async fn run(
     spec: &WorkerSpec,
     gateway: &GatewaySpec,
     listener: OwnedFd,
+    counters: OwnedFd,
     mut reader: BufReader<OwnedReadHalf>,
     mut writer: OwnedWriteHalf,
 ) -> Result<()> {
-    let started = listen(gateway, listener);
-    let (clients, links) = match started {
+    let started = SharedCounters::open(counters).and_then(|c| Ok((c, listen(gateway, listener)?)));
+    let (counters, (clients, links)) = match started {
         Ok(sockets) => sockets,
         Err(error) => {
             let error = format!("{error:#}");
@@ -109,14 +76,15 @@ pub async fn run(
             anyhow::bail!("{error}");
         }
     };
-    let stats = Arc::new(Stats::default());
+    let counters = Arc::new(counters);
+    let linked = Arc::new(AtomicUsize::new(0));
     let (inputs, hub_inputs) = mpsc::unbounded_channel();
     let hub = Hub::new(
         gateway.index,
         boot_nonce(),
         gateway.max_outbound_bytes,
         gateway.max_queued_events,
-        stats.clone(),
+        counters.clone(),
     );
     let hub_task = tokio::spawn(hub.run(hub_inputs));
     let limits = Arc::new(Limits {
@@ -135,7 +103,7 @@ pub async fn run(
         inputs.clone(),
         accepting,
     ));
-    tokio::spawn(accept_links(links, inputs.clone(), stats.clone()));
+    tokio::spawn(accept_links(links, inputs.clone(), linked.clone()));
     write_line(
         &mut writer,
         &FromWorker::Ready {
@@ -174,7 +142,7 @@ pub async fn run(
             Ok(Some(ToWorker::Drain)) | Ok(None) | Err(_) => {
                 let _ = stop_accepting.send(true);
                 let stop_timeout = Duration::from_millis(spec.stop_timeout_ms);
-                drain(&inputs, &stats, stop_timeout).await;
+                drain(&inputs, &linked, &counters, stop_timeout).await;
                 break;
             }
         }
@@ -187,14 +155,19 @@ pub async fn run(
 
 /// Waits for the business workers to drain, then closes every client with
 /// 1001 and waits (briefly) for the closes to go out.
-async fn drain(inputs: &mpsc::UnboundedSender<Input>, stats: &Stats, stop_timeout: Duration) {
+async fn drain(
+    inputs: &mpsc::UnboundedSender<Input>,
+    linked: &AtomicUsize,
+    counters: &SharedCounters,
+    stop_timeout: Duration,
+) {
     let deadline = Instant::now() + stop_timeout;
-    while stats.links.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    while linked.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = inputs.send(Input::CloseAll);
     let closing = Instant::now() + Duration::from_secs(2);
-    while stats.clients.load(Ordering::Relaxed) > 0 && Instant::now() < closing {
+    while counters.connections.load(Ordering::Relaxed) > 0 && Instant::now() < closing {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -265,10 +238,11 @@ async fn accept_clients(
     }
 }
 
+/// Accepts business workers; `linked` counts their links.
 async fn accept_links(
     listener: UnixListener,
     inputs: mpsc::UnboundedSender<Input>,
-    stats: Arc<Stats>,
+    linked: Arc<AtomicUsize>,
 ) {
     let mut next_link = 0u64;
     while let Ok((stream, _)) = listener.accept().await {
@@ -279,7 +253,7 @@ async fn accept_links(
         if inputs.send(Input::LinkUp(link, frames)).is_err() {
             return;
         }
-        stats.links.fetch_add(1, Ordering::Relaxed);
+        linked.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt as _;
             while let Some(mut buffer) = outgoing.recv().await {
@@ -291,7 +265,7 @@ async fn accept_links(
                 }
             }
         });
-        let (inputs, stats) = (inputs.clone(), stats.clone());
+        let (inputs, linked) = (inputs.clone(), linked.clone());
         tokio::spawn(async move {
             let mut reader = BufReader::with_capacity(64 << 10, &mut reader);
             loop {
@@ -315,7 +289,7 @@ async fn accept_links(
                 }
             }
             let _ = inputs.send(Input::LinkDown(link));
-            stats.links.fetch_sub(1, Ordering::Relaxed);
+            linked.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::gateway_metrics::{GatewayMetrics, GatewaySeen};
 use super::lifecycle::WorkerId;
 use crate::counters::WorkerCounters;
 
@@ -52,6 +53,7 @@ struct Seen {
     classes: [u64; 5],
     timeouts: [u64; 2],
     accept_errors: u64,
+    gateway: GatewaySeen,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +75,7 @@ pub struct Metrics {
     killed_requests: Family<GroupLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     reload_seconds: Histogram,
+    gateway: GatewayMetrics,
     /// Per live worker, the counts already added to `requests` and
     /// `timeouts`.
     seen: HashMap<WorkerId, Seen>,
@@ -152,7 +155,9 @@ impl Default for Metrics {
             "From a reload's request to its last retired worker gone",
             reload_seconds.clone(),
         );
+        let gateway = GatewayMetrics::register(&mut registry);
         Metrics {
+            gateway,
             registry,
             requests,
             in_flight,
@@ -226,6 +231,8 @@ impl Metrics {
     /// Adds what a worker served since the last look.
     fn take_counts(&mut self, id: WorkerId, group: &str, version: &str, counters: &WorkerCounters) {
         let seen = self.seen.entry(id).or_default();
+        self.gateway
+            .take(group, &counters.gateway, &mut seen.gateway);
         if let Some(delta) = increase(&counters.accept_errors, &mut seen.accept_errors) {
             self.accept_errors
                 .get_or_create(&group_labels(group))
@@ -288,7 +295,7 @@ impl Metrics {
 }
 
 /// How much a worker's counter grew since `seen`, which it then becomes.
-fn increase(counter: &std::sync::atomic::AtomicU64, seen: &mut u64) -> Option<u64> {
+pub(super) fn increase(counter: &std::sync::atomic::AtomicU64, seen: &mut u64) -> Option<u64> {
     let now = WorkerCounters::get(counter);
     let delta = now.saturating_sub(*seen);
     *seen = now.max(*seen);

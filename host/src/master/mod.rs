@@ -11,6 +11,7 @@ mod admin;
 mod config_change;
 mod connections;
 mod control;
+mod gateway_metrics;
 mod group;
 mod handler_files;
 mod lifecycle;

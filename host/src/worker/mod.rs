@@ -160,7 +160,7 @@ async fn serve(fds: Fds) -> Result<ExitCode> {
         WorkerRole::Http => {}
         WorkerRole::Gateway(gateway) => {
             drop(spread);
-            crate::gateway::run(&spec, gateway, listener, reader, writer).await?;
+            crate::gateway::run(&spec, gateway, listener, counters, reader, writer).await?;
             return Ok(ExitCode::SUCCESS);
         }
         WorkerRole::Business { gateways } => {
