@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
 use support::ws::{Ended, TextClient, Ws};
 use support::*;
 
@@ -240,4 +242,327 @@ fn reloads_of_two_business_workers_lose_nothing_and_disconnect_nobody() {
         "{report:?}"
     );
     assert_eq!(report.sent, report.received);
+}
+
+/// The id a sample-chat client is welcomed with.
+fn welcomed(ws: &mut Ws) -> String {
+    let welcome = ws.recv();
+    welcome
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no id in {welcome:?}"))
+        .to_owned()
+}
+
+#[test]
+fn every_gateway_call_works_from_the_chat_handler_and_its_page_is_served() {
+    let dir = TestDir::new("gw-chat");
+    let handler = dir.install(Variant::Chat, "chat.so");
+    let config = format!(
+        "{}\n[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ncount = 1\nhandler = {:?}\n",
+        gateway_config(&handler, "websocket", 1, "gateways = 2"),
+        handler.display().to_string()
+    );
+    let host = Host::start(dir, &config);
+    let web: SocketAddr = host.status()["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "web")
+        .unwrap()["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let page = get(web, "/");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("new WebSocket"), "{}", page.body);
+
+    let mut a = Ws::connect(host.addr);
+    let mut b = Ws::connect(host.addr);
+    let (id_a, id_b) = (welcomed(&mut a), welcomed(&mut b));
+    a.send("nick ann");
+    assert_eq!(a.recv(), "you are ann");
+    b.send("nick bob");
+    assert_eq!(b.recv(), "you are bob");
+    a.send("join lobby");
+    assert_eq!(a.recv(), "* ann joined lobby (1 here)");
+    b.send("join lobby");
+    assert_eq!(a.recv(), "* bob joined lobby (2 here)");
+    assert_eq!(b.recv(), "* bob joined lobby (2 here)");
+    a.send("say hi");
+    assert_eq!(a.recv(), "ann: hi");
+    assert_eq!(b.recv(), "ann: hi");
+    a.send("online");
+    assert_eq!(a.recv(), "online: 2");
+    a.send("to bob psst");
+    assert_eq!(b.recv(), "ann (private): psst");
+    a.send("shout hey");
+    assert_eq!(b.recv(), "ann shouts: hey");
+    b.send(&format!("tell {id_a} yo"));
+    assert_eq!(
+        a.recv(),
+        "bob (to you): yo",
+        "the shout is not for its sender"
+    );
+    a.send(&format!("whois {id_b}"));
+    assert_eq!(a.recv(), format!("{id_b} is online as bob"));
+    b.send("leave");
+    assert_eq!(b.recv(), "you left lobby");
+    a.send("count lobby");
+    assert_eq!(a.recv(), "lobby: 1");
+    b.send("forget");
+    assert_eq!(b.recv(), "you are nobody");
+    a.send("to bob hello?");
+    assert_eq!(a.recv(), "nobody by that name");
+    b.send("nick bob");
+    assert_eq!(b.recv(), "you are bob");
+    a.send("kick bob");
+    assert_eq!(b.closed(), Ended::Closed(4000));
+    a.send(&format!("whois {id_b}"));
+    assert_eq!(a.recv(), format!("{id_b} is not online"));
+
+    // The session travels with the close event.
+    let mut c = Ws::connect(host.addr);
+    welcomed(&mut c);
+    c.send("nick carl");
+    assert_eq!(c.recv(), "you are carl");
+    c.send("join lobby");
+    assert_eq!(c.recv(), "* carl joined lobby (2 here)");
+    assert_eq!(a.recv(), "* carl joined lobby (2 here)");
+    c.socket.close(None).unwrap();
+    c.closed();
+    assert_eq!(a.recv(), "* carl left");
+}
+
+#[test]
+fn a_killed_business_worker_loses_only_what_it_had_and_disconnects_nobody() {
+    let dir = TestDir::new("gw-kill");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let config = gateway_config(&handler, "websocket", 2, "");
+    let host = Host::start(dir, &format!("admin = \"127.0.0.1:0\"\n{config}"));
+    let clients = 16;
+    let flow = Flow::start(host.addr, clients, Duration::from_secs(3));
+    flow.wait_for(500);
+    let victim = business_pids(&host)[0];
+    kill(victim, Signal::SIGKILL);
+    wait_until("the killed worker is replaced", || {
+        let pids = business_pids(&host);
+        pids.len() == 2 && !pids.contains(&victim)
+    });
+    flow.wait_for(500);
+    let report = flow.stop();
+    eprintln!("business worker killed under flow: {report:?}");
+    assert_eq!(
+        (report.disconnects, report.reordered, report.duplicated),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    // One message in flight per client at most; a lost one is counted.
+    assert!(report.lost <= clients as u64, "{report:?}");
+    let lost = metric(
+        &metrics(&host.admin()),
+        "host_gateway_events_lost_total{group=\"echo-gateways\"}",
+    );
+    assert!(
+        lost >= report.lost,
+        "gateway counted {lost}, clients saw {report:?}"
+    );
+}
+
+#[test]
+fn without_a_business_worker_events_wait_and_a_full_queue_closes_with_1013() {
+    let dir = TestDir::new("gw-queue");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let host = Host::start(
+        dir,
+        &gateway_config(
+            &handler,
+            "websocket",
+            1,
+            "max_queued_events = 20\n[group.settings]\nstart_delay_ms = 1500",
+        ),
+    );
+    let mut a = Ws::connect(host.addr);
+    a.send("first");
+    assert_eq!(a.recv(), "first");
+    let victim = business_pids(&host)[0];
+    kill(victim, Signal::SIGKILL);
+    wait_until("the master sees the worker gone", || {
+        business_pids(&host).is_empty()
+    });
+    for n in 0..5 {
+        a.send(&format!("queued {n}"));
+    }
+    // Its connect and 19 messages fill the queue to 20 with a's 5; then 1013.
+    let mut b = Ws::connect(host.addr);
+    for n in 0..30 {
+        b.send(&format!("flood {n}"));
+    }
+    assert_eq!(b.closed(), Ended::Closed(1013));
+    for n in 0..5 {
+        assert_eq!(a.recv(), format!("queued {n}"));
+    }
+    let mut c = Ws::connect(host.addr);
+    c.send("later");
+    assert_eq!(c.recv(), "later");
+}
+
+/// Sends a raw HTTP request to the gateway and returns what it answers.
+fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A raw, valid handshake; returns the stream after the 101 answer.
+fn raw_websocket(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+/// The close code of the close frame the server sends next.
+fn close_code(stream: &mut TcpStream) -> u16 {
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x88, "a close frame");
+    u16::from_be_bytes([head[2], head[3]])
+}
+
+#[test]
+fn bad_websocket_input_gets_a_protocol_answer_and_harms_no_other_client() {
+    let dir = TestDir::new("gw-bad");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let config = gateway_config(
+        &handler,
+        "websocket",
+        1,
+        "max_message_size = 1024\nmax_outbound_bytes = 65536\norigins = [\"http://good.example\"]",
+    );
+    let host = Host::start(dir, &format!("admin = \"127.0.0.1:0\"\n{config}"));
+    let mut bystander = Ws::connect(host.addr);
+
+    let plain = raw_exchange(host.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(plain.starts_with("HTTP/1.1 426"), "{plain}");
+    let version = raw_exchange(host.addr, b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n");
+    assert!(version.starts_with("HTTP/1.1 426"), "{version}");
+    assert!(version.contains("Sec-WebSocket-Version: 13"), "{version}");
+    let no_key = raw_exchange(host.addr, b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    assert!(no_key.starts_with("HTTP/1.1 400"), "{no_key}");
+    let origin = Ws::connect_to(host.addr, "/", &[("origin", "http://evil.example")]);
+    assert!(origin.is_err());
+    Ws::connect_to(host.addr, "/", &[("origin", "http://good.example")]).expect("allowed origin");
+
+    let mut unmasked = raw_websocket(host.addr);
+    unmasked.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+    assert_eq!(close_code(&mut unmasked), 1002);
+
+    let mut invalid_utf8 = raw_websocket(host.addr);
+    invalid_utf8
+        .write_all(&[0x81, 0x82, 0, 0, 0, 0, 0xc3, 0x28])
+        .unwrap();
+    assert_eq!(close_code(&mut invalid_utf8), 1007);
+
+    let mut oversized = Ws::connect(host.addr);
+    oversized.send(&"x".repeat(2048));
+    assert_eq!(oversized.closed(), Ended::Closed(1009));
+
+    bystander.send("still fine");
+    assert_eq!(bystander.recv(), "still fine");
+}
+
+#[test]
+fn a_client_that_never_reads_is_cut_and_the_others_keep_going() {
+    let dir = TestDir::new("gw-slow");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let config = gateway_config(&handler, "websocket", 1, "max_outbound_bytes = 65536");
+    let host = Host::start(dir, &format!("admin = \"127.0.0.1:0\"\n{config}"));
+    let never_reads = raw_websocket(host.addr);
+    let mut reader = Ws::connect(host.addr);
+    // Broadcasts pile up for the client that never reads, past what the
+    // kernel buffers hold, until its outbound limit; the reader reads each.
+    let broadcast = format!("b{}", "y".repeat(32 << 10));
+    let slow_closes = || {
+        metric(
+            &metrics(&host.admin()),
+            "host_gateway_slow_closes_total{group=\"echo-gateways\"}",
+        )
+    };
+    let mut rounds = 0;
+    while slow_closes() == 0 {
+        for _ in 0..50 {
+            reader.send(&broadcast);
+            assert_eq!(reader.recv().len(), broadcast.len());
+        }
+        rounds += 50;
+        assert!(rounds < 5000, "the client that never reads was never cut");
+    }
+    drop(never_reads);
+    reader.send("still fine");
+    assert_eq!(reader.recv(), "still fine");
+}
+
+#[test]
+fn a_bad_build_is_refused_with_no_event_lost() {
+    let dir = TestDir::new("gw-bad-build");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let host = Host::start(dir, &gateway_config(&handler, "websocket", 2, ""));
+    let flow = Flow::start(host.addr, 8, Duration::from_secs(10));
+    flow.wait_for(300);
+    host.dir.install(Variant::Faulty("error"), "echo.so");
+    let output = host.cli(&["reload"]);
+    assert!(!output.status.success(), "the faulty build was accepted");
+    flow.wait_for(300);
+    let report = flow.stop();
+    assert_eq!(
+        (
+            report.lost,
+            report.reordered,
+            report.duplicated,
+            report.disconnects
+        ),
+        (0, 0, 0, 0),
+        "{report:?}"
+    );
+    let mut probe = Ws::connect(host.addr);
+    probe.send("version");
+    assert_eq!(probe.recv(), "v1");
+}
+
+#[test]
+fn a_handler_built_against_handler_api_0_2_0_still_serves_http_but_not_a_gateway() {
+    let dir = TestDir::new("gw-old-api");
+    let old = dir.install(Variant::OldApi, "old.so");
+    let host = Host::start(dir, &one_group_config(&old, 1, ""));
+    assert_eq!(get(host.addr, "/").status, 200);
+    drop(host);
+
+    let dir = TestDir::new("gw-old-api-gateway");
+    let old = dir.install(Variant::OldApi, "old.so");
+    dir.write("host.toml", gateway_config(&old, "websocket", 1, ""));
+    let output = host_command(&dir, &["start"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("no connection entry points"),
+        "{}",
+        text(&output)
+    );
 }

@@ -179,11 +179,26 @@ macro_rules! export_handler {
                     handle,
                     reload,
                     stop,
-                    on_connect,
-                    on_message,
-                    on_close,
                 }
                 .leak_into_prefix()
+            }
+
+            // Its name is `CONNECTION_EXPORT_SYMBOL`, checked by a unit test.
+            #[export_name = "host_handler_connection_export"]
+            extern "C" fn connection_export() -> $crate::ConnectionExport {
+                static MODULE: ::std::sync::OnceLock<$crate::ConnectionModuleRef> =
+                    ::std::sync::OnceLock::new();
+                $crate::ConnectionExport {
+                    layout: <$crate::ConnectionModuleRef as $crate::abi_stable::StableAbi>::LAYOUT,
+                    module: *MODULE.get_or_init(|| {
+                        $crate::ConnectionModule {
+                            on_connect,
+                            on_message,
+                            on_close,
+                        }
+                        .leak_into_prefix()
+                    }),
+                }
             }
 
             extern "C" fn erased_root_module() -> $crate::abi_stable::library::RootModuleResult {
@@ -206,6 +221,14 @@ macro_rules! export_handler {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_connection_export_symbol_is_the_one_the_macro_exports() {
+        assert_eq!(
+            crate::CONNECTION_EXPORT_SYMBOL,
+            b"host_handler_connection_export\0"
+        );
+    }
+
     #[test]
     fn exported_symbol_is_the_one_abi_stable_looks_up() {
         assert_eq!(

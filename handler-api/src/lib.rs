@@ -89,7 +89,10 @@ pub use connection::{
     MessageKind,
 };
 pub use context::{Context, Level, LogFn, Logger, Setting, StartContext};
-pub use module::{HandlerInfo, HandlerModule, HandlerModuleRef};
+pub use module::{
+    ConnectionExport, ConnectionModule, ConnectionModuleRef, HandlerInfo, HandlerModule,
+    HandlerModuleRef, CONNECTION_EXPORT_SYMBOL,
+};
 pub use request::{Header, Request};
 pub use response::{Response, ResponseHeader, TEXT_PLAIN};
 

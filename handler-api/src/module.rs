@@ -9,6 +9,8 @@ use abi_stable::{
     StableAbi,
 };
 
+use abi_stable::type_layout::TypeLayout;
+
 use crate::{ClientEvent, GatewayCallsRef, Request, Response, StartContext};
 
 /// Who the handler says it is, for `host status` and logs.
@@ -23,10 +25,11 @@ pub struct HandlerInfo {
 
 /// The entry points of a handler library.
 ///
-/// It is a prefix type: fields are appended after `stop` (the last field a
-/// library must have) without breaking libraries built against an older
-/// version of this crate. Libraries built against handler-api 0.2.0 end at
-/// `stop`; the connection entry points read as `None` for them.
+/// Its layout is frozen as of handler-api 0.2.0: abi_stable refuses a
+/// library whose root module has fewer fields than the host's, so a field
+/// appended here would turn away every handler built before it. Entry
+/// points added later live in modules of their own, found by symbol
+/// ([`ConnectionExport`]).
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = HandlerModuleRef)))]
@@ -43,15 +46,6 @@ pub struct HandlerModule {
     /// Called once before the worker exits.
     #[sabi(last_prefix_field)]
     pub stop: extern "C" fn(),
-    /// A client connected to the gateway group (since 0.2.1).
-    #[sabi(missing_field(option))]
-    pub on_connect: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
-    /// A client sent a message (since 0.2.1).
-    #[sabi(missing_field(option))]
-    pub on_message: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
-    /// A client's connection closed (since 0.2.1).
-    #[sabi(missing_field(option))]
-    pub on_close: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
 }
 
 impl RootModule for HandlerModuleRef {
@@ -60,3 +54,35 @@ impl RootModule for HandlerModuleRef {
     const NAME: &'static str = "handler";
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
 }
+
+/// The connection entry points (since handler-api 0.2.1), exported under
+/// [`CONNECTION_EXPORT_SYMBOL`] next to the root module. A handler built
+/// against 0.2.0 has no such symbol and serves HTTP groups only.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = ConnectionModuleRef)))]
+#[sabi(missing_field(panic))]
+pub struct ConnectionModule {
+    /// A client connected to the gateway group.
+    pub on_connect: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
+    /// A client sent a message.
+    pub on_message: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
+    /// A client's connection closed.
+    #[sabi(last_prefix_field)]
+    pub on_close: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
+}
+
+/// What the [`CONNECTION_EXPORT_SYMBOL`] function returns: the module, and
+/// its layout as the library was built, which the host checks against its
+/// own before it calls anything in the module.
+#[repr(C)]
+pub struct ConnectionExport {
+    /// `<ConnectionModuleRef as StableAbi>::LAYOUT` in the library.
+    pub layout: &'static TypeLayout,
+    /// The entry points.
+    pub module: ConnectionModuleRef,
+}
+
+/// The symbol of the `extern "C" fn() -> ConnectionExport` that
+/// [`crate::export_handler!`] exports.
+pub const CONNECTION_EXPORT_SYMBOL: &[u8] = b"host_handler_connection_export\0";

@@ -200,7 +200,7 @@ impl Hub {
                 self.links.insert(link, writer);
                 self.router.link_up(link);
             }
-            Input::Link(link, message) => self.from_business(link, message),
+            Input::Link(link, message) => self.on_link_message(link, message),
             Input::LinkDown(link) => {
                 self.links.remove(&link);
                 self.frames.remove(&link);
@@ -345,7 +345,7 @@ impl Hub {
         }
     }
 
-    fn from_business(&mut self, link: LinkId, message: FromBusiness) {
+    fn on_link_message(&mut self, link: LinkId, message: FromBusiness) {
         match message {
             FromBusiness::Ready => {
                 self.router.ready(link, &mut self.routed);
@@ -415,9 +415,12 @@ impl Hub {
             Answer::Ids(ids)
         };
         match query {
-            Query::IsOnline(id) => {
-                Answer::Bool(self.key(id).is_some_and(|k| self.clients.contains_key(&k)))
-            }
+            // A client being closed can no longer be sent to.
+            Query::IsOnline(id) => Answer::Bool(
+                self.key(id)
+                    .and_then(|k| self.clients.get(&k))
+                    .is_some_and(|c| !c.closing),
+            ),
             Query::ClientCount => Answer::Count(self.clients.len() as u64),
             Query::GroupClientIds(group) => sorted(self.groups.get(&group)),
             Query::UidClientIds(uid) => sorted(self.uids.get(&uid)),

@@ -102,7 +102,7 @@ async fn converse(
                 }
             }
             outgoing = messages.recv() => {
-                let Some(mut next) = outgoing else { return None };
+                let mut next = outgoing?;
                 loop {
                     match next {
                         Outbound::Message(_, data) => {

@@ -36,6 +36,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_BUFFER: usize = 4 << 10;
 
 /// Serves one client until it or the hub closes it.
+// The handshake callback's error type is tungstenite's.
+#[allow(clippy::result_large_err)]
 pub async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -92,6 +94,7 @@ pub async fn serve(
 
 /// Checks the origin, keeps what `on_connect` needs, and accepts the
 /// first subprotocol offered.
+#[allow(clippy::result_large_err)]
 fn check_handshake(
     request: &Request,
     mut response: Response,
@@ -188,7 +191,7 @@ async fn converse(
                 }
             }
             outgoing = messages.recv() => {
-                let Some(mut next) = outgoing else { return None };
+                let mut next = outgoing?;
                 loop {
                     match next {
                         Outbound::Message(kind, data) => {

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
+use abi_stable::library::RootModule as _;
 use anyhow::{bail, Context as _, Result};
 use handler_api::{ClientEvent, HandlerModuleRef, Header};
 use tokio::io::{AsyncWriteExt as _, BufReader};
@@ -26,6 +27,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use super::gateway_calls::{self, Links};
+use super::loader::Loaded;
 use crate::protocol::link::{read_frame, Event, EventKind, ToBusiness};
 use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
@@ -56,22 +58,24 @@ enum LinkNews {
 /// Serves client events with `handler` until the master says stop.
 pub async fn run(
     spec: &WorkerSpec,
-    handler: HandlerModuleRef,
+    handler: Loaded,
     sockets: Vec<PathBuf>,
     reader: &mut BufReader<OwnedReadHalf>,
     writer: &mut OwnedWriteHalf,
 ) -> Result<()> {
-    let (Some(on_connect), Some(on_message), Some(on_close)) = (
-        handler.on_connect(),
-        handler.on_message(),
-        handler.on_close(),
-    ) else {
+    let Some(connections) = handler.connections else {
         bail!(
-            "this handler has no connection entry points (built against handler-api 0.2.0?): \
+            "this handler has no connection entry points (it was built against handler-api 0.2.0): \
              rebuild it against handler-api {} to serve a websocket or text group",
-            env!("CARGO_PKG_VERSION")
+            HandlerModuleRef::VERSION_STRINGS.version
         );
     };
+    let (on_connect, on_message, on_close) = (
+        connections.on_connect(),
+        connections.on_message(),
+        connections.on_close(),
+    );
+    let handler = handler.module;
     let links = gateway_calls::install(sockets.len());
     let (work, thread_work) = std_mpsc::channel::<Work>();
     let (news, mut link_news) = mpsc::unbounded_channel();

@@ -17,9 +17,9 @@ use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::Path;
 
-use abi_stable::library::{LibraryError, RootModule};
+use abi_stable::library::{LibraryError, RawLibrary, RootModule};
 use anyhow::{bail, Context as _};
-use handler_api::HandlerModuleRef;
+use handler_api::{ConnectionExport, ConnectionModuleRef, HandlerModuleRef};
 
 use crate::trust::Owners;
 use crate::versions::store::hash_bytes;
@@ -30,7 +30,7 @@ use crate::versions::store::hash_bytes;
 ///
 /// abi_stable caches the root module per process, failures included, so
 /// this must be called at most once per worker process.
-pub fn load(path: &Path, shown: &str) -> Result<HandlerModuleRef, String> {
+pub fn load(path: &Path, shown: &str) -> Result<Loaded, String> {
     let file = open_verified(path).map_err(|e| {
         format!(
             "cannot load {} (the store copy of {shown}): {e:#}",
@@ -38,10 +38,53 @@ pub fn load(path: &Path, shown: &str) -> Result<HandlerModuleRef, String> {
         )
     })?;
     let through = format!("/proc/self/fd/{}", file.as_raw_fd());
-    let loaded = HandlerModuleRef::load_from_file(Path::new(&through))
-        .map_err(|e| describe(path, shown, &e));
+    let module = HandlerModuleRef::load_from_file(Path::new(&through))
+        .map_err(|e| describe(path, shown, &e))?;
+    let connections = connections(Path::new(&through), shown)?;
     drop(file);
-    loaded
+    Ok(Loaded {
+        module,
+        connections,
+    })
+}
+
+/// A loaded handler library's entry points.
+#[derive(Clone, Copy)]
+pub struct Loaded {
+    /// The root module (HTTP and lifecycle).
+    pub module: HandlerModuleRef,
+    /// The connection entry points, if the library has them (built against
+    /// handler-api 0.2.1 or later).
+    pub connections: Option<ConnectionModuleRef>,
+}
+
+/// The library's connection module, looked up by symbol in the library
+/// abi_stable just loaded (the same object: dlopen counts references) and
+/// checked like the root module before any use.
+fn connections(through: &Path, shown: &str) -> Result<Option<ConnectionModuleRef>, String> {
+    let library =
+        RawLibrary::load_at(through).map_err(|e| format!("cannot reopen {shown}: {e}"))?;
+    // SAFETY: the symbol, when present, is the `extern "C" fn` that
+    // `export_handler!` defines with this name and signature.
+    let export = unsafe {
+        library.get::<extern "C" fn() -> ConnectionExport>(handler_api::CONNECTION_EXPORT_SYMBOL)
+    };
+    let Ok(export) = export else {
+        return Ok(None);
+    };
+    let export = (*export)();
+    let ours = <ConnectionModuleRef as abi_stable::StableAbi>::LAYOUT;
+    abi_stable::abi_stability::abi_checking::check_layout_compatibility(ours, export.layout)
+        .map_err(|e| {
+            format!(
+                "{shown} has connection entry points of an incompatible handler-api: {}; rebuild it against handler-api {}",
+                summarize_layout_report(&e.to_string()),
+                HandlerModuleRef::VERSION_STRINGS.version
+            )
+        })?;
+    // The library stays loaded: abi_stable keeps its own handle for the
+    // life of the process, so dropping this one only lowers the count.
+    Ok(Some(export.module))
 }
 
 /// Opens a store entry and checks that only root or this process's user

@@ -97,7 +97,7 @@ pub fn run() -> ExitCode {
 pub fn inspect(path: &std::path::Path, source: &std::path::Path) -> ExitCode {
     match loader::load(path, &source.display().to_string()) {
         Ok(handler) => {
-            let info = (handler.info())();
+            let info = (handler.module.info())();
             println!("{} {}", info.name, info.version);
             ExitCode::SUCCESS
         }
@@ -232,10 +232,10 @@ async fn report_failure(
 }
 
 /// Loads the handler and calls its start callback.
-fn load_and_start(spec: &WorkerSpec) -> Result<HandlerModuleRef> {
+fn load_and_start(spec: &WorkerSpec) -> Result<loader::Loaded> {
     let shown = format!("{} (version {})", spec.source.display(), spec.version);
     let handler = loader::load(&spec.handler, &shown).map_err(anyhow::Error::msg)?;
-    call_start(handler, spec)?;
+    call_start(handler.module, spec)?;
     Ok(handler)
 }
 
@@ -257,7 +257,7 @@ fn start(
         .as_ref()
         .map(|target| access_log::AccessLog::open(target, spec.access_log_format, &spec.group))
         .transpose()?;
-    let handler = load_and_start(spec)?;
+    let handler = load_and_start(spec)?.module;
     let info = (handler.info())();
     let listener = std::net::TcpListener::from(listener);
     // O_NONBLOCK is shared by every process holding the socket; all of them
