@@ -52,6 +52,23 @@ fn websocket_messages_are_echoed_and_broadcast() {
     b.send("b to all");
     assert_eq!(a.recv(), "b to all");
     assert_eq!(b.recv(), "b to all");
+    let status = host.status();
+    let gateway = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["group"] == "echo-gateways")
+        .expect("a gateway process in status");
+    assert_eq!(gateway["connections"], 2, "{status}");
+    assert_eq!(gateway["in_flight"], 0, "{status}");
+
+    // Stop: the business workers drain, then the clients get 1001.
+    a.send("last words");
+    let stopped = host.cli(&["stop"]);
+    assert!(stopped.status.success(), "{}", text(&stopped));
+    assert_eq!(a.recv(), "last words");
+    assert_eq!(a.closed(), Ended::Closed(1001));
+    assert_eq!(b.closed(), Ended::Closed(1001));
 }
 
 #[test]
