@@ -583,3 +583,34 @@ fn a_handler_built_against_handler_api_0_2_0_still_serves_http_but_not_a_gateway
         text(&output)
     );
 }
+
+#[test]
+fn a_gateway_that_dies_is_restarted_and_the_business_workers_link_to_it_again() {
+    let dir = TestDir::new("gw-gateway-crash");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let host = Host::start(dir, &gateway_config(&handler, "websocket", 2, ""));
+    let gateway_pid = || {
+        host.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["group"] == "echo-gateways" && w["state"] == "ready")
+            .map(|w| w["pid"].as_u64().unwrap() as u32)
+    };
+    let mut before = Ws::connect(host.addr);
+    before.send("one");
+    assert_eq!(before.recv(), "one");
+    let victim = gateway_pid().expect("a ready gateway");
+    kill(victim, Signal::SIGKILL);
+    // Its clients die with it; that is what keeping gateways free of
+    // handler code is for.
+    assert_eq!(before.closed(), Ended::Abrupt);
+    wait_until("the gateway is restarted", || {
+        gateway_pid().is_some_and(|pid| pid != victim)
+    });
+    let mut after = Ws::connect(host.addr);
+    after.send("two");
+    assert_eq!(after.recv(), "two");
+    after.send("b everyone");
+    assert_eq!(after.recv(), "b everyone");
+}
