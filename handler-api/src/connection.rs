@@ -104,6 +104,11 @@ pub struct ClientEvent<'a> {
 }
 
 /// The host's gateway functions, given to every connection event.
+///
+/// abi_stable compares every field of the host's layout with the
+/// library's, and refuses a library with fewer: a call appended here would
+/// turn away handlers built before it. Calls added later go in a table of
+/// their own, as the connection entry points did ([`crate::ConnectionExport`]).
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = GatewayCallsRef)))]
