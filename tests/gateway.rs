@@ -614,3 +614,68 @@ fn a_gateway_that_dies_is_restarted_and_the_business_workers_link_to_it_again() 
     after.send("b everyone");
     assert_eq!(after.recv(), "b everyone");
 }
+
+/// A masked client text frame (mask of zeros) of `payload`, under 64 KiB.
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x81, 0x80 | 126];
+    frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The payload of the next (unfragmented, under 64 KiB) server frame.
+fn server_frame(stream: &mut TcpStream) -> Vec<u8> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).unwrap();
+    let length = match head[1] {
+        126 => {
+            let mut length = [0u8; 2];
+            stream.read_exact(&mut length).unwrap();
+            usize::from(u16::from_be_bytes(length))
+        }
+        n => usize::from(n),
+    };
+    let mut payload = vec![0; length];
+    stream.read_exact(&mut payload).unwrap();
+    payload
+}
+
+#[test]
+fn a_client_faster_than_its_handler_waits_in_its_own_buffers() {
+    let dir = TestDir::new("gw-credit");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let host = Host::start(dir, &gateway_config(&handler, "websocket", 1, ""));
+    let messages_in = || {
+        host.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["group"] == "echo-gateways")
+            .map_or(0, |w| w["requests"].as_u64().unwrap())
+    };
+    let worker = business_pids(&host)[0];
+    kill(worker, Signal::SIGSTOP);
+    // Far more than the socket buffers hold: the writer blocks once the
+    // gateway stops reading, then finishes when the worker runs again.
+    let count = 10_000;
+    let mut stream = raw_websocket(host.addr);
+    let mut writer = stream.try_clone().unwrap();
+    let flood = std::thread::spawn(move || {
+        for n in 0..count {
+            let payload = format!("{n:06} {}", "z".repeat(2000));
+            writer.write_all(&client_frame(payload.as_bytes())).unwrap();
+        }
+    });
+    wait_until("the gateway takes its credit of messages", || {
+        messages_in() >= 256
+    });
+    assert!(!flood.is_finished(), "the gateway kept reading");
+    assert!(messages_in() <= 257, "{} messages taken", messages_in());
+    kill(worker, Signal::SIGCONT);
+    for n in 0..count {
+        let echo = server_frame(&mut stream);
+        assert_eq!(&echo[..6], format!("{n:06}").as_bytes());
+    }
+    flood.join().unwrap();
+}

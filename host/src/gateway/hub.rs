@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use handler_api::{ClientId, MessageKind};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use super::router::{ClientKey, LinkId, Router};
 use crate::counters::SharedCounters;
@@ -29,6 +29,12 @@ pub const CLOSE_SLOW: u16 = 1008;
 /// WebSocket "going away": the host is stopping.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
+/// Messages of one client the gateway takes before their events were
+/// handled (or dropped, or lost): then it stops reading from that client,
+/// so a client sending faster than the handler keeps up with waits in its
+/// own socket buffers instead of the gateway's memory.
+pub const MESSAGE_CREDIT: usize = 256;
+
 /// What the hub sends a client's connection task.
 #[derive(Debug)]
 pub enum Outbound {
@@ -36,6 +42,14 @@ pub enum Outbound {
     Message(MessageKind, Bytes),
     /// Close with this code and reason, then end.
     Close(u16, String),
+}
+
+/// Waits for the hub to take one more message of this client (see
+/// [`MESSAGE_CREDIT`]).
+pub async fn take_credit(credit: &Semaphore) {
+    if let Ok(permit) = credit.acquire().await {
+        permit.forget();
+    }
 }
 
 /// The hub's handle on one client connection.
@@ -46,6 +60,26 @@ pub struct ClientHandle {
     pub pending: Arc<AtomicUsize>,
     /// Ends the connection at once (a client that does not read).
     pub kill: Arc<Notify>,
+    /// Taken by the connection task for each message it passes on, given
+    /// back when an event of the client is done with ([`MESSAGE_CREDIT`]).
+    pub credit: Arc<Semaphore>,
+}
+
+impl ClientHandle {
+    /// A handle whose channels and counters the connection task shares.
+    pub fn new(outbound: mpsc::UnboundedSender<Outbound>) -> ClientHandle {
+        ClientHandle {
+            outbound,
+            pending: Arc::new(AtomicUsize::new(0)),
+            kill: Arc::new(Notify::new()),
+            credit: Arc::new(Semaphore::new(MESSAGE_CREDIT)),
+        }
+    }
+
+    /// The connection task's share of the handle.
+    pub fn shared(&self) -> (Arc<AtomicUsize>, Arc<Notify>, Arc<Semaphore>) {
+        (self.pending.clone(), self.kill.clone(), self.credit.clone())
+    }
 }
 
 /// What the hub reacts to.
@@ -205,7 +239,9 @@ impl Hub {
                 self.links.remove(&link);
                 self.frames.remove(&link);
                 let before = self.router.lost();
-                self.router.link_gone(link, &mut self.routed);
+                for client in self.router.link_gone(link, &mut self.routed) {
+                    self.give_credit(client, 1);
+                }
                 let lost = self.router.lost() - before;
                 if lost > 0 {
                     tracing::warn!(
@@ -333,6 +369,16 @@ impl Hub {
         self.clients.remove(&key);
     }
 
+    /// Events of `key` are done with: it may pass on as many more messages.
+    /// (Its connect event gives one more than it took: the credit stays
+    /// within one of [`MESSAGE_CREDIT`].)
+    fn give_credit(&self, key: ClientKey, events: usize) {
+        if let Some(client) = self.clients.get(&key) {
+            let room = MESSAGE_CREDIT + 1 - client.handle.credit.available_permits();
+            client.handle.credit.add_permits(events.min(room));
+        }
+    }
+
     fn close(&mut self, key: ClientKey, code: u16, reason: &str) {
         if let Some(client) = self.clients.get_mut(&key) {
             if !client.closing {
@@ -357,7 +403,9 @@ impl Hub {
                 ToBusiness::Retired.encode(frames);
             }
             FromBusiness::Ack => {
-                self.router.ack(link, &mut self.routed);
+                if let Some(client) = self.router.ack(link, &mut self.routed) {
+                    self.give_credit(client, 1);
+                }
                 self.deliver_routed();
             }
             FromBusiness::Send { target, kind, data } => self.send(target, kind, data),

@@ -159,28 +159,27 @@ impl<E> Router<E> {
         dropped
     }
 
-    /// The oldest unacknowledged event on `link` was handled.
-    pub fn ack(&mut self, link: LinkId, out: &mut Vec<(LinkId, E)>) {
-        let Some(l) = self.links.get_mut(&link) else {
-            return;
-        };
+    /// The oldest unacknowledged event on `link` was handled; returns its
+    /// client.
+    pub fn ack(&mut self, link: LinkId, out: &mut Vec<(LinkId, E)>) -> Option<ClientKey> {
+        let l = self.links.get_mut(&link)?;
         let ready = l.ready;
-        let Some(client) = l.unacked.pop_front() else {
-            return;
-        };
+        let client = l.unacked.pop_front()?;
         self.acked(client, ready, out);
+        Some(client)
     }
 
     /// A link ended: what it had not acknowledged is lost, its clients are
-    /// free to move.
-    pub fn link_gone(&mut self, link: LinkId, out: &mut Vec<(LinkId, E)>) {
+    /// free to move. Returns the client of each lost event.
+    pub fn link_gone(&mut self, link: LinkId, out: &mut Vec<(LinkId, E)>) -> Vec<ClientKey> {
         let Some(l) = self.links.remove(&link) else {
-            return;
+            return Vec::new();
         };
         self.lost += l.unacked.len() as u64;
-        for client in l.unacked {
+        for &client in &l.unacked {
             self.acked(client, false, out);
         }
+        l.unacked.into()
     }
 
     fn acked(&mut self, client: ClientKey, link_ready: bool, out: &mut Vec<(LinkId, E)>) {
@@ -277,7 +276,7 @@ mod tests {
         let link = first[0].0;
         assert_eq!(routed(&mut router, 7, "b"), vec![(link, "b")]);
         let mut out = Vec::new();
-        router.ack(link, &mut out);
+        assert_eq!(router.ack(link, &mut out), Some(7));
         assert_eq!(routed(&mut router, 7, "c"), vec![(link, "c")]);
     }
 
@@ -333,7 +332,7 @@ mod tests {
         router.retiring(link);
         routed(&mut router, 7, "c");
         let mut out = Vec::new();
-        router.link_gone(link, &mut out);
+        assert_eq!(router.link_gone(link, &mut out), vec![7, 7]);
         assert_eq!(router.lost(), 2);
         let other = if link == 1 { 2 } else { 1 };
         assert_eq!(out, vec![(other, "c")]);

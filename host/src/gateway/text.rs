@@ -16,9 +16,9 @@ use tokio::io::{
     AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, BufWriter,
 };
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Semaphore};
 
-use super::hub::{ClientHandle, Input, Outbound, CLOSE_SLOW};
+use super::hub::{take_credit, ClientHandle, Input, Outbound, CLOSE_SLOW};
 use super::Limits;
 use crate::protocol::link::Handshake;
 
@@ -31,13 +31,8 @@ pub async fn serve(
     hub: mpsc::UnboundedSender<Input>,
 ) {
     let (outbound, messages) = mpsc::unbounded_channel();
-    let pending = Arc::new(AtomicUsize::new(0));
-    let kill = Arc::new(Notify::new());
-    let handle = ClientHandle {
-        outbound,
-        pending: pending.clone(),
-        kill: kill.clone(),
-    };
+    let handle = ClientHandle::new(outbound);
+    let (pending, kill, credit) = handle.shared();
     let connected = Input::Connected {
         key,
         peer: peer.to_string(),
@@ -48,7 +43,7 @@ pub async fn serve(
         return;
     }
     let code = tokio::select! {
-        code = converse(stream, key, &limits, &hub, messages, &pending) => code,
+        code = converse(stream, key, &limits, &hub, messages, &pending, &credit) => code,
         _ = kill.notified() => Some(CLOSE_SLOW),
     };
     let _ = hub.send(Input::Gone(key, code));
@@ -61,6 +56,7 @@ async fn converse(
     hub: &mpsc::UnboundedSender<Input>,
     mut messages: mpsc::UnboundedReceiver<Outbound>,
     pending: &AtomicUsize,
+    credit: &Semaphore,
 ) -> Option<u16> {
     let (reader, writer) = stream.into_split();
     let mut reader = BufReader::with_capacity(4 << 10, reader);
@@ -97,6 +93,7 @@ async fn converse(
                         } else {
                             MessageKind::Binary
                         };
+                        take_credit(credit).await;
                         let _ = hub.send(Input::Message(key, kind, data));
                     }
                 }

@@ -18,14 +18,14 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use handler_api::MessageKind;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{error::ProtocolError, Error, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use super::hub::{ClientHandle, Input, Outbound, CLOSE_SLOW};
+use super::hub::{take_credit, ClientHandle, Input, Outbound, CLOSE_SLOW};
 use super::Limits;
 use crate::protocol::link::Handshake;
 
@@ -67,13 +67,8 @@ pub async fn serve(
         _ => return,
     };
     let (outbound, messages) = mpsc::unbounded_channel();
-    let pending = Arc::new(AtomicUsize::new(0));
-    let kill = Arc::new(Notify::new());
-    let handle = ClientHandle {
-        outbound,
-        pending: pending.clone(),
-        kill: kill.clone(),
-    };
+    let handle = ClientHandle::new(outbound);
+    let (pending, kill, credit) = handle.shared();
     if hub
         .send(Input::Connected {
             key,
@@ -86,7 +81,7 @@ pub async fn serve(
         return;
     }
     let code = tokio::select! {
-        code = converse(ws, key, &limits, &hub, messages, &pending) => code,
+        code = converse(ws, key, &limits, &hub, messages, &pending, &credit) => code,
         _ = kill.notified() => Some(CLOSE_SLOW),
     };
     let _ = hub.send(Input::Gone(key, code));
@@ -163,6 +158,7 @@ async fn converse(
     hub: &mpsc::UnboundedSender<Input>,
     mut messages: mpsc::UnboundedReceiver<Outbound>,
     pending: &AtomicUsize,
+    credit: &Semaphore,
 ) -> Option<u16> {
     let mut heartbeat = tokio::time::interval(limits.ping_interval);
     heartbeat.reset();
@@ -175,9 +171,11 @@ async fn converse(
                 missed = 0;
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
+                        take_credit(credit).await;
                         let _ = hub.send(Input::Message(key, MessageKind::Text, Bytes::from(text)));
                     }
                     Some(Ok(Message::Binary(data))) => {
+                        take_credit(credit).await;
                         let _ = hub.send(Input::Message(key, MessageKind::Binary, data));
                     }
                     Some(Ok(Message::Close(frame))) => {
