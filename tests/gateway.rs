@@ -272,11 +272,11 @@ fn welcomed(ws: &mut Ws) -> String {
 }
 
 #[test]
-fn every_gateway_call_works_from_the_chat_handler_and_its_page_is_served() {
+fn every_gateway_call_works_from_the_chat_handler_and_from_its_http_group() {
     let dir = TestDir::new("gw-chat");
     let handler = dir.install(Variant::Chat, "chat.so");
     let config = format!(
-        "{}\n[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ncount = 1\nhandler = {:?}\n",
+        "{}\n[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ncount = 1\npush = \"echo\"\nhandler = {:?}\n",
         gateway_config(&handler, "websocket", 1, "gateways = 2"),
         handler.display().to_string()
     );
@@ -312,6 +312,11 @@ fn every_gateway_call_works_from_the_chat_handler_and_its_page_is_served() {
     assert_eq!(b.recv(), "ann: hi");
     a.send("online");
     assert_eq!(a.recv(), "online: 2");
+    // The HTTP group pushes to the chat (GatewayWorker's GatewayClient).
+    let pushed = request(web, "POST", "/notify?uid=ann", b"from the web").unwrap();
+    assert_eq!(pushed.status, 200, "{}", pushed.body);
+    assert_eq!(a.recv(), "from the web");
+    assert_eq!(get(web, "/online").body, "online: 2\n");
     a.send("to bob psst");
     assert_eq!(b.recv(), "ann (private): psst");
     a.send("shout hey");

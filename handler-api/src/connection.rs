@@ -9,6 +9,7 @@
 //! later versions may append calls without breaking built handlers.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use abi_stable::{
     std_types::{ROption, RSlice, RStr, RVec},
@@ -400,6 +401,24 @@ impl Gateway {
     pub fn is_uid_online(&self, uid: &str) -> bool {
         !self.client_ids_of_uid(uid).is_empty()
     }
+}
+
+/// The gateway group this library's HTTP handler pushes to (each library
+/// has its own copy of this static).
+static PUSH: OnceLock<GatewayCallsRef> = OnceLock::new();
+
+/// Called by the host through the connection module.
+#[doc(hidden)]
+pub fn attach_gateway(calls: GatewayCallsRef) {
+    let _ = PUSH.set(calls);
+}
+
+/// The gateway group an HTTP group pushes to (`push = "chat"` in its
+/// config), for GatewayWorker's `GatewayClient` uses: "POST /notify" in a
+/// web app reaching browsers. `None` in groups without `push`. Available
+/// from `start` on.
+pub fn gateway() -> Option<Gateway> {
+    PUSH.get().copied().map(Gateway::new)
 }
 
 #[cfg(test)]

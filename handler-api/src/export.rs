@@ -168,6 +168,9 @@ macro_rules! export_handler {
             extern "C" fn on_message(gateway: $crate::GatewayCallsRef, event: &$crate::ClientEvent<'_>) {
                 $crate::__private::client_event(&SLOT, $crate::__private::ClientCallback::Message, gateway, event)
             }
+            extern "C" fn attach_gateway(gateway: $crate::GatewayCallsRef) {
+                $crate::__private::attach_gateway(gateway)
+            }
             extern "C" fn on_close(gateway: $crate::GatewayCallsRef, event: &$crate::ClientEvent<'_>) {
                 $crate::__private::client_event(&SLOT, $crate::__private::ClientCallback::Close, gateway, event)
             }
@@ -195,6 +198,7 @@ macro_rules! export_handler {
                             on_connect,
                             on_message,
                             on_close,
+                            attach_gateway,
                         }
                         .leak_into_prefix()
                     }),

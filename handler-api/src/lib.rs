@@ -85,8 +85,8 @@ mod response;
 
 pub use abi_stable;
 pub use connection::{
-    Client, ClientEvent, ClientId, ClientIdError, Gateway, GatewayCalls, GatewayCallsRef, Message,
-    MessageKind,
+    gateway, Client, ClientEvent, ClientId, ClientIdError, Gateway, GatewayCalls, GatewayCallsRef,
+    Message, MessageKind,
 };
 pub use context::{Context, Level, LogFn, Logger, Setting, StartContext};
 pub use module::{
@@ -137,5 +137,6 @@ pub trait Handler: Sized + Send + Sync + 'static {
 
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::connection::attach_gateway;
     pub use crate::export::*;
 }

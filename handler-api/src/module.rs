@@ -68,8 +68,11 @@ pub struct ConnectionModule {
     /// A client sent a message.
     pub on_message: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
     /// A client's connection closed.
-    #[sabi(last_prefix_field)]
     pub on_close: extern "C" fn(gateway: GatewayCallsRef, event: &ClientEvent<'_>),
+    /// Gives a handler serving an HTTP group with `push` the calls that
+    /// reach that gateway group ([`crate::gateway`]); before `start`.
+    #[sabi(last_prefix_field)]
+    pub attach_gateway: extern "C" fn(gateway: GatewayCallsRef),
 }
 
 /// What the [`CONNECTION_EXPORT_SYMBOL`] function returns: the module, and

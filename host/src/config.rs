@@ -197,6 +197,13 @@ pub struct GroupConfig {
     /// are let in.
     #[serde(default)]
     pub origins: Option<Vec<String>>,
+    /// An HTTP group's handler may send to the clients of this gateway
+    /// group (`handler_api::gateway()`).
+    #[serde(default)]
+    pub push: Option<String>,
+    /// How many gateways the `push` group has (derived).
+    #[serde(skip)]
+    pub push_gateways: usize,
     /// Which part of a gateway group this is (derived, never in a file).
     #[serde(skip)]
     pub part: GroupPart,
@@ -440,6 +447,7 @@ impl Config {
             bail!("no [[group]] defined: at least one group is needed");
         }
         self.groups = split_gateway_groups(self.groups)?;
+        resolve_pushes(&mut self.groups)?;
         let mut names = std::collections::HashSet::new();
         for group in &mut self.groups {
             if group.name.is_empty() || group.name.contains(['/', ' ']) {
@@ -554,6 +562,33 @@ fn split_gateway_groups(groups: Vec<GroupConfig>) -> Result<Vec<GroupConfig>> {
         split.push(business);
     }
     Ok(split)
+}
+
+/// Checks each `push` names a gateway group and notes its gateway count.
+fn resolve_pushes(groups: &mut [GroupConfig]) -> Result<()> {
+    let gateway_groups: std::collections::HashMap<String, usize> = groups
+        .iter()
+        .filter_map(|g| match g.part {
+            GroupPart::Business { gateways } => Some((g.name.clone(), gateways)),
+            _ => None,
+        })
+        .collect();
+    for group in groups.iter_mut() {
+        let Some(target) = &group.push else { continue };
+        if group.part != GroupPart::Http {
+            bail!(
+                "group {}: only an HTTP group can push to a gateway group",
+                group.name
+            );
+        }
+        group.push_gateways = *gateway_groups.get(target).with_context(|| {
+            format!(
+                "group {}: push = {target:?} names no group with protocol = \"websocket\" or \"text\"",
+                group.name
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Files inside the run directory.
@@ -727,6 +762,20 @@ mod tests {
             "[[group]]\nname = \"chat\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"text\"\nhandler = \"c.so\"\n[[group]]\nname = \"chat-gateways\"\nlisten = \"127.0.0.1:0\"\nhandler = \"c.so\"\n",
         );
         assert!(format!("{:#}", clash.unwrap_err()).contains("two groups are named"));
+    }
+
+    #[test]
+    fn an_http_group_pushes_only_to_a_gateway_group() {
+        let chat = "[[group]]\nname = \"chat\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"websocket\"\ngateways = 3\nhandler = \"c.so\"\n";
+        let config = parse(&format!(
+            "{chat}[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\npush = \"chat\"\nhandler = \"c.so\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.groups[2].push_gateways, 3);
+        let nowhere = parse(&format!(
+            "{chat}[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\npush = \"web\"\nhandler = \"c.so\"\n"
+        ));
+        assert!(format!("{:#}", nowhere.unwrap_err()).contains("names no group with protocol"));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Loaded by a `protocol = "websocket"` group it handles the chat; loaded
 //! by an HTTP group of the same host it serves the page at `/` (the
 //! setting `websocket` is the address the page connects to, default
-//! `ws://<the page's host>:8282/`). Commands, one per message:
+//! `ws://<the page's host>:8282/`). With `push = "<the chat group>"` on the
+//! HTTP group, `POST /notify?uid=NAME` sends its body to NAME's clients and
+//! `GET /online` counts the chat's clients. Commands, one per message:
 //!
 //! - `nick NAME`: binds the client to the uid NAME;
 //! - `join ROOM`: leaves the current room, joins ROOM, tells the room;
@@ -19,7 +21,7 @@
 //! The nickname and room live in the client's session (`name\nroom`),
 //! which the gateway keeps across reloads of this handler.
 
-use handler_api::{export_handler, Client, Context, Gateway, Handler, Request, Response};
+use handler_api::{export_handler, gateway, Client, Context, Gateway, Handler, Request, Response};
 
 const VERSION: &str = match option_env!("CHAT_VERSION") {
     Some(v) => v,
@@ -78,6 +80,21 @@ impl Handler for Chat {
             ("GET", "/") => {
                 Response::new(200, self.page.clone()).with_content_type("text/html; charset=utf-8")
             }
+            ("POST", "/notify") => match (gateway(), req.query_param("uid")) {
+                (Some(gateway), Some(uid)) => {
+                    let text = String::from_utf8_lossy(req.body());
+                    gateway.send_to_uid(uid, &*text);
+                    Response::text(200, "sent\n")
+                }
+                (None, _) => Response::text(503, "this group does not push to the chat\n"),
+                (_, None) => Response::text(400, "which uid?\n"),
+            },
+            ("GET", "/online") => match gateway() {
+                Some(gateway) => {
+                    Response::text(200, &format!("online: {}\n", gateway.client_count()))
+                }
+                None => Response::text(503, "this group does not push to the chat\n"),
+            },
             _ => Response::text(404, "not found\n"),
         }
     }

@@ -397,6 +397,7 @@ impl Hub {
                 self.router.ready(link, &mut self.routed);
                 self.deliver_routed();
             }
+            FromBusiness::Pusher => tracing::debug!(link, "an HTTP worker links to push"),
             FromBusiness::Retiring => {
                 self.router.retiring(link);
                 let frames = self.frames.entry(link).or_default();

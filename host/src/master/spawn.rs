@@ -162,7 +162,15 @@ pub fn worker_spec(
     run_dir: &RunDir,
 ) -> WorkerSpec {
     let role = match &config.part {
-        GroupPart::Http => WorkerRole::Http,
+        GroupPart::Http => WorkerRole::Http {
+            push: config
+                .push
+                .iter()
+                .flat_map(|target| {
+                    (0..config.push_gateways).map(|index| run_dir.gateway_socket(target, index))
+                })
+                .collect(),
+        },
         GroupPart::Gateways { of } => WorkerRole::Gateway(GatewaySpec {
             index: slot as u32,
             socket: run_dir.gateway_socket(of, slot),

@@ -138,6 +138,9 @@ pub enum FromBusiness {
     Ready,
     /// The worker is draining: no new clients' events; it acks what it has.
     Retiring,
+    /// The link is an HTTP worker's that pushes to the group: it takes no
+    /// events.
+    Pusher,
     /// The oldest unacknowledged event on this link was handled.
     Ack,
     /// Send a message.
@@ -452,6 +455,9 @@ impl FromBusiness {
             FromBusiness::SetSession(id, s) => {
                 e.u8(9).id(*id).bytes(s);
             }
+            FromBusiness::Pusher => {
+                e.u8(11);
+            }
             FromBusiness::Query { request, query } => {
                 e.u8(10).u64(*request);
                 match query {
@@ -518,6 +524,7 @@ impl FromBusiness {
                 };
                 FromBusiness::Query { request, query }
             }
+            11 => FromBusiness::Pusher,
             other => bail!("unknown worker message {other} on the link"),
         })
     }
@@ -594,6 +601,7 @@ mod tests {
 
         let from_business = vec![
             FromBusiness::Ready,
+            FromBusiness::Pusher,
             FromBusiness::Ack,
             FromBusiness::Send {
                 target: Target::All {

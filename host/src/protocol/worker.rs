@@ -58,7 +58,10 @@ pub struct WorkerSpec {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum WorkerRole {
     /// Serves HTTP with the handler.
-    Http,
+    Http {
+        /// The sockets of the gateways its handler pushes to, if any.
+        push: Vec<PathBuf>,
+    },
     /// Holds the clients of a gateway group (loads no handler).
     Gateway(GatewaySpec),
     /// Handles a gateway group's client events with the handler.

@@ -20,40 +20,17 @@ use std::time::Duration;
 use abi_stable::library::RootModule as _;
 use anyhow::{bail, Context as _, Result};
 use handler_api::{ClientEvent, HandlerModuleRef, Header};
-use tokio::io::{AsyncWriteExt as _, BufReader};
+use tokio::io::BufReader;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use super::gateway_calls::{self, Links};
+use super::gateway_calls::{self, LinkRole};
+use super::gateway_links::{connect, start_link, LinkNews, Work};
 use super::loader::Loaded;
-use crate::protocol::link::{read_frame, Event, EventKind, ToBusiness};
+use crate::protocol::link::{Event, EventKind};
 use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
-
-/// How often a link to a gateway that is not there (yet) is retried.
-const RETRY: Duration = Duration::from_millis(50);
-
-/// What the handler thread is given.
-enum Work {
-    /// An event from gateway `gateway`'s link generation `generation`.
-    Event {
-        gateway: usize,
-        generation: u64,
-        event: Box<Event>,
-    },
-    /// Every gateway said `Retired`: finish and end.
-    Finish,
-}
-
-/// What link tasks tell the worker's main loop.
-enum LinkNews {
-    /// Gateway `usize` will send no more events.
-    Retired(usize),
-    /// Gateway `usize`'s link ended.
-    Down(usize),
-}
 
 /// Serves client events with `handler` until the master says stop.
 pub async fn run(
@@ -76,7 +53,7 @@ pub async fn run(
         connections.on_close(),
     );
     let handler = handler.module;
-    let links = gateway_calls::install(sockets.len());
+    let links = gateway_calls::install(sockets.len(), LinkRole::Business);
     let (work, thread_work) = std_mpsc::channel::<Work>();
     let (news, mut link_news) = mpsc::unbounded_channel();
     for (index, socket) in sockets.iter().enumerate() {
@@ -86,7 +63,7 @@ pub async fn run(
             socket.clone(),
             stream,
             links,
-            work.clone(),
+            Some(work.clone()),
             news.clone(),
         );
     }
@@ -177,115 +154,6 @@ pub async fn run(
     }
     (handler.stop())();
     Ok(())
-}
-
-/// Connects to a gateway socket, waiting while it is not there yet.
-async fn connect(socket: &PathBuf) -> Result<UnixStream> {
-    loop {
-        match UnixStream::connect(socket).await {
-            Ok(stream) => return Ok(stream),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
-            {
-                tokio::time::sleep(RETRY).await
-            }
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot link to gateway {}", socket.display()))
-            }
-        }
-    }
-}
-
-/// Runs gateway `index`'s link: a writer task and a reader task; when the
-/// link ends (the gateway died), reconnects unless retiring.
-fn start_link(
-    index: usize,
-    socket: PathBuf,
-    stream: UnixStream,
-    links: &'static Links,
-    work: std_mpsc::Sender<Work>,
-    news: mpsc::UnboundedSender<LinkNews>,
-) {
-    tokio::spawn(async move {
-        let mut stream = stream;
-        loop {
-            let (reader, writer) = stream.into_split();
-            let (frames, outgoing) = mpsc::unbounded_channel();
-            let generation = links.attach(index, frames);
-            let written = tokio::spawn(write_link(writer, outgoing));
-            links.note_writer(index, written);
-            read_link(index, generation, reader, &work, &news).await;
-            links.detach(index, generation);
-            let _ = news.send(LinkNews::Down(index));
-            if links.retiring() {
-                return;
-            }
-            tracing::warn!(
-                gateway = index,
-                "the link to a gateway ended; linking again"
-            );
-            stream = match connect(&socket).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    return;
-                }
-            };
-        }
-    });
-}
-
-async fn write_link(mut writer: OwnedWriteHalf, mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(mut buffer) = outgoing.recv().await {
-        while let Ok(more) = outgoing.try_recv() {
-            buffer.extend_from_slice(&more);
-        }
-        if writer.write_all(&buffer).await.is_err() {
-            return;
-        }
-    }
-    let _ = writer.shutdown().await;
-}
-
-async fn read_link(
-    index: usize,
-    generation: u64,
-    reader: OwnedReadHalf,
-    work: &std_mpsc::Sender<Work>,
-    news: &mpsc::UnboundedSender<LinkNews>,
-) {
-    let mut reader = BufReader::with_capacity(64 << 10, reader);
-    loop {
-        let frame = match read_frame(&mut reader).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(gateway = index, "{e:#}");
-                return;
-            }
-        };
-        match ToBusiness::decode(&frame) {
-            Ok(ToBusiness::Event(event)) => {
-                let _ = work.send(Work::Event {
-                    gateway: index,
-                    generation,
-                    event,
-                });
-            }
-            Ok(ToBusiness::Answer { request, answer }) => gateway_calls::answered(request, answer),
-            Ok(ToBusiness::Retired) => {
-                let _ = news.send(LinkNews::Retired(index));
-            }
-            Err(e) => {
-                tracing::warn!(gateway = index, "bad frame from a gateway: {e:#}");
-                return;
-            }
-        }
-    }
 }
 
 /// Lends `event` to `f` in its ABI form.

@@ -30,8 +30,19 @@ use crate::protocol::link::{Answer, FromBusiness, Query, Target};
 /// How long a query waits for the gateways' answers.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What this process is to the gateways it links to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRole {
+    /// A business worker: it takes events.
+    Business,
+    /// An HTTP worker of a group that pushes to the gateway group: it only
+    /// sends and asks.
+    Pusher,
+}
+
 /// The worker's links to its gateways, by gateway index.
 pub struct Links {
+    role: LinkRole,
     slots: Vec<Mutex<Slot>>,
     retiring: AtomicBool,
     writers: Mutex<Vec<JoinHandle<()>>>,
@@ -48,8 +59,9 @@ struct Slot {
 static LINKS: OnceLock<Links> = OnceLock::new();
 
 /// Sets up the link table for `gateways` gateways (once per process).
-pub fn install(gateways: usize) -> &'static Links {
+pub fn install(gateways: usize, role: LinkRole) -> &'static Links {
     LINKS.get_or_init(|| Links {
+        role,
         slots: (0..gateways).map(|_| Mutex::default()).collect(),
         retiring: AtomicBool::new(false),
         writers: Mutex::default(),
@@ -71,15 +83,15 @@ fn encoded(message: &FromBusiness) -> Vec<u8> {
 }
 
 impl Links {
-    /// A new connection to gateway `index`: it is told this worker's state
-    /// (ready, or retiring); returns its generation.
+    /// A new connection to gateway `index`: it is told what this worker is
+    /// (ready, retiring, or a pusher); returns its generation.
     pub fn attach(&self, index: usize, frames: mpsc::UnboundedSender<Vec<u8>>) -> u64 {
         let mut slot = lock(&self.slots[index]);
         slot.generation += 1;
-        let state = if self.retiring() {
-            FromBusiness::Retiring
-        } else {
-            FromBusiness::Ready
+        let state = match (self.role, self.retiring()) {
+            (LinkRole::Pusher, _) => FromBusiness::Pusher,
+            (LinkRole::Business, true) => FromBusiness::Retiring,
+            (LinkRole::Business, false) => FromBusiness::Ready,
         };
         let _ = frames.send(encoded(&state));
         slot.frames = Some(frames);
@@ -87,7 +99,7 @@ impl Links {
     }
 
     /// Keeps a link writer's task, to wait for it at exit.
-    pub fn note_writer(&self, _index: usize, writer: JoinHandle<()>) {
+    pub fn note_writer(&self, writer: JoinHandle<()>) {
         self.writers
             .lock()
             .unwrap_or_else(|e| e.into_inner())

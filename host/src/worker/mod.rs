@@ -22,8 +22,10 @@ mod access_log;
 mod business;
 mod connection;
 mod gateway_calls;
+mod gateway_links;
 mod loader;
 mod peer;
+mod push;
 mod server;
 mod serving;
 
@@ -157,7 +159,7 @@ async fn serve(fds: Fds) -> Result<ExitCode> {
     let _ = IDENTITY.set((spec.group.clone(), spec.slot, spec.version.clone()));
 
     match &spec.role {
-        WorkerRole::Http => {}
+        WorkerRole::Http { .. } => {}
         WorkerRole::Gateway(gateway) => {
             drop(spread);
             crate::gateway::run(&spec, gateway, listener, counters, reader, writer).await?;
@@ -231,10 +233,16 @@ async fn report_failure(
     Ok(ExitCode::FAILURE)
 }
 
-/// Loads the handler and calls its start callback.
+/// Loads the handler, links it to the gateway group it pushes to (if
+/// any), and calls its start callback.
 fn load_and_start(spec: &WorkerSpec) -> Result<loader::Loaded> {
     let shown = format!("{} (version {})", spec.source.display(), spec.version);
     let handler = loader::load(&spec.handler, &shown).map_err(anyhow::Error::msg)?;
+    if let WorkerRole::Http { push } = &spec.role {
+        if !push.is_empty() {
+            push::link(push, &handler)?;
+        }
+    }
     call_start(handler.module, spec)?;
     Ok(handler)
 }
