@@ -18,8 +18,8 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use abi_stable::library::RootModule as _;
-use anyhow::{bail, Context as _, Result};
-use handler_api::{ClientEvent, HandlerModuleRef, Header};
+use anyhow::{Context as _, Result};
+use handler_api::{ClientEvent, ConnectionModuleRef, HandlerModuleRef, Header};
 use tokio::io::BufReader;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::signal::unix::{signal, SignalKind};
@@ -32,27 +32,31 @@ use crate::protocol::link::{Event, EventKind};
 use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
 
+/// The connection entry points of a handler loaded for a gateway group.
+pub fn entry_points(handler: &Loaded) -> Result<ConnectionModuleRef> {
+    handler.connections.with_context(|| {
+        format!(
+            "this handler has no connection entry points (it was built against handler-api 0.2.0): \
+             rebuild it against handler-api {} to serve a websocket or text group",
+            HandlerModuleRef::VERSION_STRINGS.version
+        )
+    })
+}
+
 /// Serves client events with `handler` until the master says stop.
 pub async fn run(
     spec: &WorkerSpec,
-    handler: Loaded,
+    handler: HandlerModuleRef,
+    connections: ConnectionModuleRef,
     sockets: Vec<PathBuf>,
     reader: &mut BufReader<OwnedReadHalf>,
     writer: &mut OwnedWriteHalf,
 ) -> Result<()> {
-    let Some(connections) = handler.connections else {
-        bail!(
-            "this handler has no connection entry points (it was built against handler-api 0.2.0): \
-             rebuild it against handler-api {} to serve a websocket or text group",
-            HandlerModuleRef::VERSION_STRINGS.version
-        );
-    };
     let (on_connect, on_message, on_close) = (
         connections.on_connect(),
         connections.on_message(),
         connections.on_close(),
     );
-    let handler = handler.module;
     let links = gateway_calls::install(sockets.len(), LinkRole::Business);
     let (work, thread_work) = std_mpsc::channel::<Work>();
     let (news, mut link_news) = mpsc::unbounded_channel();

@@ -174,7 +174,17 @@ async fn serve(fds: Fds) -> Result<ExitCode> {
                 Err(error) => return report_failure(&mut writer, error).await,
             };
             let gateways = gateways.clone();
-            business::run(&spec, handler, gateways, &mut reader, &mut writer).await?;
+            let connections = business::entry_points(&handler)?;
+            let module = handler.module;
+            business::run(
+                &spec,
+                module,
+                connections,
+                gateways,
+                &mut reader,
+                &mut writer,
+            )
+            .await?;
             return Ok(ExitCode::SUCCESS);
         }
     }
@@ -238,10 +248,12 @@ async fn report_failure(
 fn load_and_start(spec: &WorkerSpec) -> Result<loader::Loaded> {
     let shown = format!("{} (version {})", spec.source.display(), spec.version);
     let handler = loader::load(&spec.handler, &shown).map_err(anyhow::Error::msg)?;
-    if let WorkerRole::Http { push } = &spec.role {
-        if !push.is_empty() {
-            push::link(push, &handler)?;
+    match &spec.role {
+        WorkerRole::Http { push } if !push.is_empty() => push::link(push, &handler)?,
+        WorkerRole::Business { .. } => {
+            business::entry_points(&handler)?;
         }
+        _ => {}
     }
     call_start(handler.module, spec)?;
     Ok(handler)
