@@ -5,8 +5,8 @@
 //! worker gets each client's events in order and calls the handler's
 //! `on_connect`, `on_message` and `on_close` with a [`Gateway`] to act on
 //! any client: send, close, bind a uid, join a group, keep a session. The
-//! calls are a table of host functions ([`GatewayCalls`]), a prefix type so
-//! later versions may append calls without breaking built handlers.
+//! calls are a table of host functions ([`GatewayCalls`]), checked by
+//! abi_stable like the rest of the handler's interface.
 
 use std::fmt;
 use std::sync::OnceLock;
