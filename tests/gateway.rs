@@ -310,6 +310,15 @@ fn every_gateway_call_works_from_the_chat_handler_and_from_its_http_group() {
     a.send("say hi");
     assert_eq!(a.recv(), "ann: hi");
     assert_eq!(b.recv(), "ann: hi");
+    let listed = host.cli(&["connections", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let ann = format!("client {id_a} uid ann groups lobby");
+    assert!(
+        listed.as_array().unwrap().iter().any(|w| w["connections"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["state"] == ann.as_str()))),
+        "{ann} not in {listed}"
+    );
     a.send("online");
     assert_eq!(a.recv(), "online: 2");
     // The HTTP group pushes to the chat (GatewayWorker's GatewayClient).
@@ -506,6 +515,14 @@ fn bad_websocket_input_gets_a_protocol_answer_and_harms_no_other_client() {
     let mut oversized = Ws::connect(host.addr);
     oversized.send(&"x".repeat(2048));
     assert_eq!(oversized.closed(), Ended::Closed(1009));
+
+    for code in [1002, 1007, 1009] {
+        let counted =
+            format!("host_gateway_closes_total{{group=\"echo-gateways\",code=\"{code}\"}}");
+        wait_until("the close is counted", || {
+            metric(&metrics(&host.admin()), &counted) == 1
+        });
+    }
 
     bystander.send("still fine");
     assert_eq!(bystander.recv(), "still fine");

@@ -261,7 +261,7 @@ impl Hub {
                     .iter()
                     .map(|(key, c)| ConnectionInfo {
                         peer: c.peer.clone(),
-                        state: format!("client {}", self.id(*key)),
+                        state: describe(self.id(*key), c),
                         requests: c.messages_in,
                         age_secs: c.connected.elapsed().as_secs_f64(),
                     })
@@ -547,6 +547,19 @@ impl Hub {
             .fetch_add(1, Ordering::Relaxed);
         let _ = client.handle.outbound.send(Outbound::Message(kind, data));
     }
+}
+
+/// A client as `host connections` shows it: id, uids, groups.
+fn describe(id: ClientId, client: &Client) -> String {
+    let mut text = format!("client {id}");
+    for (label, names) in [("uid", &client.uids), ("groups", &client.groups)] {
+        if !names.is_empty() {
+            let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+            names.sort_unstable();
+            text.push_str(&format!(" {label} {}", names.join(",")));
+        }
+    }
+    text
 }
 
 #[derive(Clone, Copy)]

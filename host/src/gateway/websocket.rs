@@ -262,6 +262,8 @@ async fn fail(ws: &mut WebSocketStream<&mut TcpStream>, error: &Error) -> Option
     let code = match error {
         Error::Capacity(_) => 1009,
         Error::Utf8(_) => 1007,
+        // The client just went away.
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
         Error::Protocol(_) => 1002,
         _ => return None,
     };
