@@ -701,3 +701,51 @@ fn a_client_faster_than_its_handler_waits_in_its_own_buffers() {
     }
     flood.join().unwrap();
 }
+
+#[test]
+fn clients_that_answer_no_ping_or_say_nothing_are_closed() {
+    let dir = TestDir::new("gw-heartbeat");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let host = Host::start(
+        dir,
+        &gateway_config(
+            &handler,
+            "websocket",
+            1,
+            "ping_interval = \"200ms\"\nmissed_pongs = 2",
+        ),
+    );
+    // Reads frames but never answers: pings, then a close for no pong.
+    let mut deaf = raw_websocket(host.addr);
+    let mut pings = 0;
+    loop {
+        let mut head = [0u8; 2];
+        deaf.read_exact(&mut head).unwrap();
+        let mut payload = vec![0; usize::from(head[1] & 0x7f)];
+        deaf.read_exact(&mut payload).unwrap();
+        match head[0] {
+            0x89 => pings += 1,
+            0x88 => {
+                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001);
+                break;
+            }
+            other => panic!("unexpected frame {other:#x}"),
+        }
+    }
+    assert_eq!(pings, 2);
+    // tungstenite answers pings while it reads: such a client stays.
+    let mut alive = Ws::connect(host.addr);
+    assert_eq!(alive.next(Duration::from_millis(1500)), Err(Ended::Silent));
+    alive.send("still here");
+    assert_eq!(alive.recv(), "still here");
+    drop(host);
+
+    let dir = TestDir::new("gw-idle");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let host = Host::start(
+        dir,
+        &gateway_config(&handler, "text", 1, "idle_timeout = \"1s\""),
+    );
+    let mut silent = TextClient::connect(host.addr);
+    assert_eq!(silent.recv(), None, "a silent text client is closed");
+}

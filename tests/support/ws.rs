@@ -61,8 +61,13 @@ impl Ws {
 
     /// The next text or binary message, as text, or how the connection ended.
     pub fn next(&mut self, wait: Duration) -> Result<String, Ended> {
-        self.socket.get_mut().set_read_timeout(Some(wait)).unwrap();
+        let deadline = std::time::Instant::now() + wait;
         loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Ended::Silent);
+            }
+            self.socket.get_mut().set_read_timeout(Some(left)).unwrap();
             match self.socket.read() {
                 Ok(Message::Text(text)) => return Ok(text.to_string()),
                 Ok(Message::Binary(data)) => return Ok(String::from_utf8_lossy(&data).into()),
