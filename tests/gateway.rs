@@ -749,3 +749,71 @@ fn clients_that_answer_no_ping_or_say_nothing_are_closed() {
     let mut silent = TextClient::connect(host.addr);
     assert_eq!(silent.recv(), None, "a silent text client is closed");
 }
+
+/// Reloads the business workers three times under loadgen's echo load and
+/// returns what loadgen saw.
+fn loadgen_across_reloads(
+    protocol: loadgen::echo::Protocol,
+    name: &str,
+) -> loadgen::echo::EchoReport {
+    let dir = TestDir::new(name);
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let wire = match protocol {
+        loadgen::echo::Protocol::WebSocket => "websocket",
+        loadgen::echo::Protocol::Text => "text",
+    };
+    let host = Host::start(dir, &gateway_config(&handler, wire, 2, ""));
+    let mut config = loadgen::echo::EchoConfig::new(host.addr, protocol);
+    config.clients = 50;
+    config.pace = loadgen::echo::Pace::Window(4);
+    config.duration = DEADLINE;
+    let run = loadgen::echo::EchoRun::start(config);
+    let wait_for = |more: u64| {
+        let target = run.progress().received + more;
+        wait_until("echoes arrive", || run.progress().received >= target);
+    };
+    wait_for(2000);
+    for version in ["v2", "v3", "v2"] {
+        host.dir.install(Variant::Echo(version), "echo.so");
+        reload(&host);
+        wait_for(2000);
+    }
+    let report = run.stop();
+    eprintln!(
+        "{wire}: {} clients, 3 reloads of 2 business workers: sent {}, received {}, lost {}, reordered {}, duplicated {}, disconnects {}, longest echo gap {} us",
+        report.clients,
+        report.sent,
+        report.received,
+        report.lost,
+        report.reordered,
+        report.duplicated,
+        report.disconnected(),
+        report.longest_gap_us
+    );
+    report
+}
+
+#[test]
+fn loadgen_sees_nothing_lost_across_reloads_on_websocket_and_text() {
+    for (protocol, name) in [
+        (loadgen::echo::Protocol::WebSocket, "gw-loadgen-ws"),
+        (loadgen::echo::Protocol::Text, "gw-loadgen-text"),
+    ] {
+        let report = loadgen_across_reloads(protocol, name);
+        assert_eq!(
+            (
+                report.lost,
+                report.reordered,
+                report.duplicated,
+                report.disconnected(),
+                report.connect_failures
+            ),
+            (0, 0, 0, 0, 0),
+            "{report:?}"
+        );
+        assert!(
+            report.received > 0 && report.sent == report.received,
+            "{report:?}"
+        );
+    }
+}
