@@ -152,6 +152,11 @@ pub struct GroupConfig {
     /// request is answered `408` and the connection closed.
     #[serde(default = "default_body_timeout", with = "humantime_serde")]
     pub body_timeout: Duration,
+    /// How long a handler call may run; then the worker is replaced (its
+    /// replacement starts first) and, with `dispatch = "pool"`, the request
+    /// is answered `503`. Off when unset. Checked once a second.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
     /// Where each worker writes one line per answered request: a file
     /// (relative to the config's directory) or `"stderr"`; off when unset.
     #[serde(default)]
@@ -466,9 +471,11 @@ impl Config {
                 bail!("group {}: pool_threads must be at least 1", group.name);
             }
             for (key, timeout) in [
-                ("header_timeout", group.header_timeout),
-                ("body_timeout", group.body_timeout),
+                ("header_timeout", Some(group.header_timeout)),
+                ("body_timeout", Some(group.body_timeout)),
+                ("request_timeout", group.request_timeout),
             ] {
+                let Some(timeout) = timeout else { continue };
                 if timeout < Duration::from_secs(1) {
                     bail!(
                         "group {}: {key} ({timeout:?}) must be at least 1s",
@@ -514,9 +521,8 @@ fn directory_of(path: &Path) -> Result<PathBuf> {
 fn hint(line: &str) -> Option<&'static str> {
     let key = line.split('=').next().unwrap_or("").trim();
     match key {
-        "start_timeout" | "stop_timeout" | "lame_duck" | "header_timeout" | "body_timeout" => {
-            Some("expected a duration such as \"10s\" or \"500ms\"")
-        }
+        "start_timeout" | "stop_timeout" | "lame_duck" | "header_timeout" | "body_timeout"
+        | "request_timeout" => Some("expected a duration such as \"10s\" or \"500ms\""),
         "listen" | "admin" => Some("an address is IP:PORT, e.g. 127.0.0.1:80 (no host names)"),
         "[group]" => Some("use [[group]] (an array of tables), once per group"),
         _ => None,

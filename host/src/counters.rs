@@ -32,6 +32,12 @@ pub struct WorkerCounters {
     /// keeps `connections` (its clients), `in_flight` (events waiting for a
     /// business worker) and `requests` (messages from clients).
     pub gateway: GatewayCounters,
+    /// Bumped once a second by the worker's event loop: the master sees a
+    /// loop blocked by a handler call (`request_timeout`) when it stops.
+    pub heartbeat: AtomicU64,
+    /// Pool calls still running at `request_timeout` (their requests were
+    /// answered `503`; the threads cannot be reclaimed).
+    pub stuck_calls: AtomicU64,
 }
 
 /// The close codes counted one by one; others count as `other`.

@@ -99,6 +99,12 @@ fn group_notes(group: &GroupStatus) -> Vec<String> {
         Some(_) => {}
         None => notes.push(format!("handler file {} cannot be read", group.handler)),
     }
+    if group.request_timeouts > 0 {
+        notes.push(format!(
+            "{} request(s) ran past request_timeout (their workers were replaced)",
+            group.request_timeouts
+        ));
+    }
     if let Some(failed) = &group.last_failed_reload {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

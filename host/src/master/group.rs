@@ -39,6 +39,8 @@ pub struct Group {
     pub slots: Vec<WorkerSlot>,
     /// The last reload of this group that failed or was refused.
     pub last_failed_reload: Option<FailedReload>,
+    /// Handler calls that ran past `request_timeout`.
+    pub request_timeouts: u64,
 }
 
 impl Group {
@@ -77,6 +79,7 @@ impl Group {
             version,
             slots,
             last_failed_reload: None,
+            request_timeouts: 0,
         })
     }
 
@@ -104,6 +107,7 @@ impl Group {
             version,
             slots,
             last_failed_reload: None,
+            request_timeouts: 0,
         })
     }
 

@@ -73,6 +73,7 @@ pub struct Metrics {
     worker_exits: Family<ExitLabels, Counter>,
     killed_connections: Family<GroupLabels, Counter>,
     killed_requests: Family<GroupLabels, Counter>,
+    request_timeouts: Family<GroupLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     reload_seconds: Histogram,
     gateway: GatewayMetrics,
@@ -147,6 +148,12 @@ impl Default for Metrics {
             "Requests in flight when their worker was killed at its stop timeout",
             killed_requests.clone(),
         );
+        let request_timeouts = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "request_timeouts",
+            "Handler calls that ran past request_timeout (their workers were replaced)",
+            request_timeouts.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads, by result", reloads.clone());
         let reload_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
@@ -168,6 +175,7 @@ impl Default for Metrics {
             worker_exits,
             killed_connections,
             killed_requests,
+            request_timeouts,
             reloads,
             reload_seconds,
             seen: HashMap::new(),
@@ -215,6 +223,13 @@ impl Metrics {
         self.killed_requests
             .get_or_create(&labels)
             .inc_by(in_flight);
+    }
+
+    /// Handler calls of a group ran past `request_timeout`.
+    pub fn request_timeouts(&mut self, group: &str, calls: u64) {
+        self.request_timeouts
+            .get_or_create(&group_labels(group))
+            .inc_by(calls);
     }
 
     /// A reload ended.

@@ -21,6 +21,7 @@ mod reload;
 mod slot;
 mod spawn;
 mod status;
+mod stuck;
 mod supervisor;
 mod systemd;
 mod watch;
@@ -70,6 +71,8 @@ pub enum Event {
     Signal(SignalAction),
     /// A watched handler file changed (after debouncing).
     HandlerChanged(usize),
+    /// Time to look for workers stuck in a handler call (once a second).
+    CheckStuck,
     /// A `host connections` query has waited long enough.
     ConnectionsTimeout(u64),
     /// A request on the admin listener.

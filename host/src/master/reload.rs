@@ -29,13 +29,21 @@
 //!    group settles on its new generation and slot count (listeners of
 //!    moved or removed groups are closed), or keeps its old ones.
 //!
+//! A worker found stuck (`request_timeout`) gets the same treatment for its
+//! slot alone, with the generation it runs: its replacement is started and
+//! becomes ready, then the stuck worker is killed (its event loop or pool
+//! is blocked: it cannot drain). That run is no reload (nobody waits on it,
+//! nothing is counted or settled); one asked for while a run is going is
+//! queued, ahead of a queued reload, and dropped if by then its worker no
+//! longer serves the slot.
+//!
 //! Groups with `reloadable = false` keep their workers and get a reload
 //! notification. A reload asked while one runs is queued; further requests
 //! merge into the queued one, and every caller gets that reload's outcome.
 //! A stop ends the running reload as failed and refuses the queued one.
 //!
 //! This file is only the machine: [`Reloads`] takes inputs (a reload
-//! requested, a replacement ready or failed, a worker gone, a stop timeout,
+//! requested, a stuck worker, a replacement ready or failed, a worker gone, a stop timeout,
 //! a stop requested), reads the worker table through [`WorkerTable`], and
 //! returns the [`Action`]s the master carries out, in order. It spawns,
 //! sends and kills nothing, so the tests below run it without processes.
@@ -104,6 +112,8 @@ pub enum Action {
     },
     /// Tell a worker to drain; its exit goes to [`Reloads::worker_gone`].
     Retire(WorkerId),
+    /// Kill a stuck worker now; its exit goes to [`Reloads::worker_gone`].
+    Kill(WorkerId),
     /// Restart a slot left without a worker (its old one died meanwhile and
     /// its replacement failed).
     Refill {
@@ -195,6 +205,20 @@ pub struct ReloadPlan {
 pub struct Reloads {
     running: Option<ReloadRun>,
     queued: Option<QueuedReload>,
+    /// Stuck workers to replace when the running run ends.
+    stuck: VecDeque<Stuck>,
+}
+
+/// A worker found stuck, to replace with the generation its slot runs.
+#[derive(Debug, Clone)]
+pub struct Stuck {
+    /// The stuck worker.
+    pub worker: WorkerId,
+    /// Its slot index.
+    pub slot: usize,
+    /// Its group, as it runs now (`from` and `to` the same generation,
+    /// `slots` and `count` its slot count).
+    pub group: Target,
 }
 
 /// A reload asked for while another runs.
@@ -218,6 +242,8 @@ struct ReloadRun {
     retiring: BTreeSet<WorkerId>,
     killed: Vec<KilledWorker>,
     waiters: Vec<Reply>,
+    /// The stuck worker this run replaces, when it is no reload.
+    stuck: Option<WorkerId>,
 }
 
 /// Where a reload is; see the module docs.
@@ -271,6 +297,27 @@ impl Reloads {
                 .iter()
                 .any(|t| t.group == group && slot >= t.count && slot < t.slots)
         })
+    }
+
+    /// Whether `worker` is being, or is to be, replaced as stuck.
+    pub fn replaces(&self, worker: WorkerId) -> bool {
+        self.running
+            .as_ref()
+            .is_some_and(|run| run.stuck == Some(worker))
+            || self.stuck.iter().any(|s| s.worker == worker)
+    }
+
+    /// A worker is stuck: its replacement starts now, or when the running
+    /// run ends.
+    pub fn replace_stuck(&mut self, stuck: Stuck, table: &mut impl WorkerTable) -> Vec<Action> {
+        if self.replaces(stuck.worker) {
+            return Vec::new();
+        }
+        self.stuck.push_back(stuck);
+        if self.running.is_some() {
+            return Vec::new();
+        }
+        self.start_queued(table)
     }
 
     /// Someone asked for a reload: it starts now, or is queued behind the
@@ -350,14 +397,21 @@ impl Reloads {
             retiring: BTreeSet::new(),
             killed: Vec::new(),
             waiters,
+            stuck: None,
         };
         actions.extend(run.advance(table));
         self.running = Some(run);
-        self.settle(actions)
+        self.settle(actions, table)
     }
 
     /// A reload could not be planned (after [`Action::Start`]).
-    pub fn refused(&mut self, error: String, waiters: Vec<Reply>, started: Instant) -> Vec<Action> {
+    pub fn refused(
+        &mut self,
+        error: String,
+        waiters: Vec<Reply>,
+        started: Instant,
+        table: &mut impl WorkerTable,
+    ) -> Vec<Action> {
         tracing::error!("reload refused: {error}");
         let elapsed = started.elapsed();
         let outcome = ReloadOutcome {
@@ -377,7 +431,7 @@ impl Reloads {
                 reply: ControlReply::Reloaded(outcome),
             },
         ];
-        actions.extend(self.start_queued());
+        actions.extend(self.start_queued(table));
         actions
     }
 
@@ -394,7 +448,7 @@ impl Reloads {
         };
         let mut actions = run.replacement_ready(worker, previous, table);
         actions.extend(run.advance(table));
-        self.settle(actions)
+        self.settle(actions, table)
     }
 
     /// A replacement spawned a while ago may still be starting: if the
@@ -438,18 +492,18 @@ impl Reloads {
         run.retiring.insert(worker);
         let mut actions = run.step_failed(step.group, step.slot, error, table);
         actions.extend(run.advance(table));
-        self.settle(actions)
+        self.settle(actions, table)
     }
 
     /// A worker process is gone.
-    pub fn worker_gone(&mut self, worker: WorkerId) -> Vec<Action> {
+    pub fn worker_gone(&mut self, worker: WorkerId, table: &mut impl WorkerTable) -> Vec<Action> {
         let Some(run) = self.running.as_mut() else {
             return Vec::new();
         };
         if !run.retiring.remove(&worker) {
             return Vec::new();
         }
-        self.settle(Vec::new())
+        self.settle(Vec::new(), table)
     }
 
     /// A draining worker was killed at its stop timeout; the reload that
@@ -466,7 +520,8 @@ impl Reloads {
     /// workers are being stopped anyway) and the queued one is refused.
     pub fn stop_requested(&mut self, why: &str) -> Vec<Action> {
         let mut actions = Vec::new();
-        if let Some(run) = self.running.take() {
+        self.stuck.clear();
+        if let Some(run) = self.running.take().filter(|run| run.stuck.is_none()) {
             let (error, ready_at) = match &run.phase {
                 Phase::Forward { .. } => (why.to_owned(), None),
                 Phase::RollingBack { error, .. } => (error.clone(), None),
@@ -488,8 +543,8 @@ impl Reloads {
         actions
     }
 
-    /// Ends the running reload once it is done, then starts the queued one.
-    fn settle(&mut self, mut actions: Vec<Action>) -> Vec<Action> {
+    /// Ends the running run once it is done, then starts the queued one.
+    fn settle(&mut self, mut actions: Vec<Action>, table: &mut impl WorkerTable) -> Vec<Action> {
         let Some(run) = self.running.take_if(|run| run.is_done()) else {
             return actions;
         };
@@ -500,18 +555,54 @@ impl Reloads {
             } => (error.clone(), Some(ready_at)),
             _ => (None, None),
         };
-        actions.extend(run.finish(error, ready_at));
-        actions.extend(self.start_queued());
+        match run.stuck {
+            // Still stuck after a failed replacement: found again later.
+            Some(_) => {
+                if let Some(error) = error {
+                    tracing::error!("cannot replace a stuck worker: {error}");
+                }
+            }
+            None => actions.extend(run.finish(error, ready_at)),
+        }
+        actions.extend(self.start_queued(table));
         actions
     }
 
-    fn start_queued(&mut self) -> Option<Action> {
-        let queued = self.queued.take()?;
-        Some(Action::Start {
+    /// Starts what waits: a stuck worker's replacement (if it still serves
+    /// its slot), else the queued reload.
+    fn start_queued(&mut self, table: &mut impl WorkerTable) -> Vec<Action> {
+        while let Some(stuck) = self.stuck.pop_front() {
+            if table.serving(stuck.group.group, stuck.slot) != Some(stuck.worker) {
+                continue;
+            }
+            let slot = (stuck.group.group, stuck.slot);
+            let mut run = ReloadRun {
+                started: Instant::now(),
+                targets: vec![stuck.group],
+                notified: Vec::new(),
+                config_changes: Vec::new(),
+                phase: Phase::Forward {
+                    todo: VecDeque::from([slot]),
+                    replaced: Vec::new(),
+                },
+                step: None,
+                retiring: BTreeSet::new(),
+                killed: Vec::new(),
+                waiters: Vec::new(),
+                stuck: Some(stuck.worker),
+            };
+            let actions = run.advance(table);
+            self.running = Some(run);
+            return actions;
+        }
+        let Some(queued) = self.queued.take() else {
+            return Vec::new();
+        };
+        vec![Action::Start {
             group: queued.group,
             waiters: queued.waiters,
             snapshot: None,
-        })
+        }]
     }
 }
 
@@ -632,12 +723,18 @@ impl ReloadRun {
         let mut actions = Vec::new();
         if let Some(old) = old {
             self.retiring.insert(old);
-            actions.push(Action::Retire(old));
+            actions.push(if self.stuck == Some(old) {
+                Action::Kill(old)
+            } else {
+                Action::Retire(old)
+            });
         }
-        actions.push(Action::Reply {
-            to: self.waiters.clone(),
-            reply: ControlReply::Progress(progress),
-        });
+        if !self.waiters.is_empty() {
+            actions.push(Action::Reply {
+                to: self.waiters.clone(),
+                reply: ControlReply::Progress(progress),
+            });
+        }
         actions
     }
 
@@ -917,7 +1014,7 @@ mod tests {
                     .serving
                     .retain(|s, w| !(*s == slot && *w == worker));
             }
-            let actions = self.reloads.worker_gone(worker);
+            let actions = self.reloads.worker_gone(worker, &mut self.table);
             self.render(actions)
         }
 
@@ -930,6 +1027,26 @@ mod tests {
                 connections: 1,
             };
             self.reloads.stop_timeout(worker, killed);
+        }
+
+        /// `worker`, serving its slot of `web` on v1, is found stuck.
+        fn stuck(&mut self, worker: WorkerId) -> Vec<String> {
+            let (_, slot) = self.table.slot_of[&worker];
+            let slots = self.plan.targets[0].slots;
+            let stuck = Stuck {
+                worker,
+                slot,
+                group: Target {
+                    group: 0,
+                    name: "web".into(),
+                    slots,
+                    count: slots,
+                    from: generation("v1", slots),
+                    to: generation("v1", slots),
+                },
+            };
+            let actions = self.reloads.replace_stuck(stuck, &mut self.table);
+            self.render(actions)
         }
 
         fn stop(&mut self) -> Vec<String> {
@@ -965,6 +1082,7 @@ mod tests {
                         )
                     }
                     Action::Retire(worker) => format!("retire w{}", worker.0),
+                    Action::Kill(worker) => format!("kill w{}", worker.0),
                     Action::Refill { group, slot } => format!("refill {group}/{slot}"),
                     Action::Reply { to, reply } => match reply {
                         ControlReply::Progress(step) => {
@@ -1145,6 +1263,79 @@ mod tests {
     }
 
     #[test]
+    fn a_stuck_worker_is_killed_once_its_replacement_serves_and_no_reload_is_counted() {
+        let mut b = bench(2);
+        assert_eq!(b.stuck(w(2)), ["spawn w3 0/1 v1"]);
+        assert!(b.reloads.replaces(w(2)));
+        // Asked again while its replacement starts: nothing more.
+        assert_eq!(b.stuck(w(2)), Vec::<String>::new());
+        assert_eq!(b.ready(w(3)), ["kill w2"]);
+        assert!(b.reloads.is_running());
+        assert_eq!(b.gone(w(2)), Vec::<String>::new());
+        assert!(!b.reloads.is_running());
+        assert!(b.outcome.is_none() && b.settled.is_empty());
+        assert_eq!(b.table.serving(0, 1), Some(w(3)));
+        assert_eq!(b.table.serving(0, 0), Some(w(1)));
+    }
+
+    #[test]
+    fn a_reload_asked_while_a_stuck_worker_is_replaced_waits_for_it() {
+        let mut b = bench(2);
+        b.stuck(w(1));
+        assert_eq!(b.request(None), ["queued to 1"]);
+        assert_eq!(b.ready(w(3)), ["kill w1"]);
+        assert_eq!(b.gone(w(1)), ["start all for 1"]);
+        let waiters = b.start.take().unwrap();
+        assert_eq!(b.begin(waiters), ["spawn w4 0/0 v2"]);
+    }
+
+    #[test]
+    fn a_stuck_worker_found_during_a_reload_is_replaced_after_it_unless_the_reload_did() {
+        // The reload fails at slot 0: slot 1 still has its stuck worker,
+        // which is replaced next, before the queued reload.
+        let mut b = bench(2);
+        b.reload();
+        assert_eq!(b.stuck(w(2)), Vec::<String>::new());
+        assert_eq!(b.request(None), ["queued to 1"]);
+        b.fail(w(3));
+        assert_eq!(
+            b.gone(w(3)),
+            [
+                "finish ok=false 0=v1x2",
+                "reloaded failed to 1",
+                "spawn w4 0/1 v1"
+            ]
+        );
+        assert_eq!(b.ready(w(4)), ["kill w2"]);
+        assert_eq!(b.gone(w(2)), ["start all for 1"]);
+
+        // The reload replaces the stuck worker itself: nothing after it.
+        let mut b = bench(2);
+        b.reload();
+        b.stuck(w(2));
+        b.ready(w(3));
+        assert_eq!(b.ready(w(4)), ["retire w2", "progress web/1 v2"]);
+        b.gone(w(1));
+        assert_eq!(b.gone(w(2)), ["finish ok=true 0=v2x2", "reloaded ok to 1"]);
+        assert!(!b.reloads.is_running() && !b.reloads.replaces(w(2)));
+    }
+
+    #[test]
+    fn a_stuck_worker_whose_replacement_fails_keeps_its_slot_and_can_be_found_again() {
+        let mut b = bench(1);
+        b.stuck(w(1));
+        assert_eq!(b.fail(w(2)), Vec::<String>::new());
+        assert_eq!(b.gone(w(2)), Vec::<String>::new());
+        assert!(!b.reloads.is_running() && !b.reloads.replaces(w(1)));
+        assert!(b.outcome.is_none());
+        assert_eq!(b.table.serving(0, 0), Some(w(1)));
+        assert_eq!(b.stuck(w(1)), ["spawn w3 0/0 v1"]);
+        // A stop ends it without a reload outcome.
+        assert_eq!(b.stop(), Vec::<String>::new());
+        assert!(!b.reloads.is_running());
+    }
+
+    #[test]
     fn a_stop_ends_the_running_reload_as_failed_and_refuses_the_queued_one() {
         let mut b = bench(2);
         b.reload();
@@ -1232,9 +1423,12 @@ mod tests {
         let Some(Action::Start { waiters, .. }) = actions.into_iter().next() else {
             panic!("nothing runs: the reload starts");
         };
-        let actions = b
-            .reloads
-            .refused("no such version".into(), waiters, Instant::now());
+        let actions = b.reloads.refused(
+            "no such version".into(),
+            waiters,
+            Instant::now(),
+            &mut b.table,
+        );
         assert_eq!(b.render(actions), ["refused", "reloaded failed to 1"]);
         assert_eq!(b.outcome().error.as_deref(), Some("no such version"));
         assert!(!b.reloads.is_running());

@@ -207,6 +207,7 @@ pub fn worker_spec(
         max_header_bytes: config.max_header_bytes,
         header_timeout_ms: config.header_timeout.as_millis() as u64,
         body_timeout_ms: config.body_timeout.as_millis() as u64,
+        request_timeout_ms: config.request_timeout.map(|t| t.as_millis() as u64),
         access_log: config.access_log.clone(),
         access_log_format: config.access_log_format,
         role,

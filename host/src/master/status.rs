@@ -32,6 +32,7 @@ impl Master {
                     .hash(&g.config.handler)
                     .map(|hash| short(&hash).to_owned()),
                 last_failed_reload: g.last_failed_reload.clone(),
+                request_timeouts: g.request_timeouts,
             })
             .collect();
         let workers = self

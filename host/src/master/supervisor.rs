@@ -32,6 +32,7 @@ use super::metrics::Metrics;
 use super::reload::{Action, Generation, ReloadPlan, Reloads, Reply, Target, WorkerTable};
 use super::slot::{WorkerSlot, QUICK_DEATH};
 use super::spawn::{describe_exit, spawn_worker, watch_worker, worker_spec};
+use super::stuck::StuckWatch;
 use super::systemd::{self, ActivatedListener};
 use super::watch::HandlerWatch;
 use super::{report_ready, Event, SignalAction};
@@ -47,6 +48,9 @@ use crate::versions::{gc, pins};
 /// How often `host reload` hears of a replacement that is still starting.
 const WAITING_REPORT: Duration = Duration::from_secs(1);
 
+/// How often workers are checked for `request_timeout`.
+const STUCK_CHECK: Duration = Duration::from_secs(1);
+
 /// One worker process.
 pub(super) struct Worker {
     pub(super) group: usize,
@@ -54,13 +58,15 @@ pub(super) struct Worker {
     pub(super) pid: u32,
     pub(super) version: Arc<Version>,
     /// The group config it was started with.
-    config: Arc<GroupConfig>,
+    pub(super) config: Arc<GroupConfig>,
     pub(super) lifecycle: Lifecycle,
     pub(super) spawned_at: Instant,
     /// The version string its handler reported when ready.
     pub(super) handler_version: Option<String>,
     to_worker: mpsc::UnboundedSender<ToWorker>,
     pub(super) counters: SharedCounters,
+    /// Its progress as last seen, for `request_timeout`.
+    pub(super) watch: StuckWatch,
 }
 
 /// Where the master is in its life.
@@ -193,6 +199,7 @@ impl Master {
                 }
             }
         }
+        self.after(STUCK_CHECK, Event::CheckStuck);
         let mut start_error = None;
         while let Some(event) = events.recv().await {
             if let Some(error) = self.handle(event) {
@@ -239,6 +246,10 @@ impl Master {
                 }
             }
             Event::RestartDue { group, slot } => self.on_restart_due(group, slot),
+            Event::CheckStuck => {
+                self.check_stuck();
+                self.after(STUCK_CHECK, Event::CheckStuck);
+            }
             Event::Control(request, reply) => self.on_control(request, reply),
             Event::Signal(action) => self.on_signal(action),
             Event::HandlerChanged(group) => self.on_handler_changed(group),
@@ -251,7 +262,10 @@ impl Master {
 
     /// Gives one input to the reload machine and carries out its answer.
     /// The machine reads the worker table (`self`) while it decides.
-    fn ask_reloads(&mut self, input: impl FnOnce(&mut Reloads, &mut Master) -> Vec<Action>) {
+    pub(super) fn ask_reloads(
+        &mut self,
+        input: impl FnOnce(&mut Reloads, &mut Master) -> Vec<Action>,
+    ) {
         let mut reloads = std::mem::take(&mut self.reloads);
         let actions = input(&mut reloads, self);
         self.reloads = reloads;
@@ -290,12 +304,13 @@ impl Master {
                         );
                         self.ask_reloads(|reloads, table| {
                             let mut actions = reloads.replacement_failed(worker, error, table);
-                            actions.extend(reloads.worker_gone(worker));
+                            actions.extend(reloads.worker_gone(worker, table));
                             actions
                         });
                     }
                 }
                 Action::Retire(worker) => self.retire(worker),
+                Action::Kill(worker) => self.kill_stuck(worker),
                 Action::Refill { group, slot } => {
                     self.after(Duration::ZERO, Event::RestartDue { group, slot })
                 }
@@ -429,6 +444,7 @@ impl Master {
                 handler_version: None,
                 to_worker,
                 counters: spawned.counters,
+                watch: StuckWatch::new(),
             },
         );
         Ok(())
@@ -573,7 +589,7 @@ impl Master {
                 worker.lifecycle.exit_reason(),
             );
         }
-        self.ask_reloads(|reloads, _| reloads.worker_gone(id));
+        self.ask_reloads(|reloads, table| reloads.worker_gone(id, table));
         self.connection_queries.worker_gone(id);
         start_error
     }
@@ -662,6 +678,21 @@ impl Master {
         let _ = worker.to_worker.send(ToWorker::Drain);
         let stop_timeout = worker.config.stop_timeout;
         self.after(stop_timeout, Event::StopTimeout(id));
+    }
+
+    /// Kills a stuck worker whose replacement serves its slot: it cannot
+    /// drain, its event loop or pool being blocked.
+    fn kill_stuck(&mut self, id: WorkerId) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if !worker.lifecycle.drain() || !worker.lifecycle.stop_timed_out() {
+            return;
+        }
+        let (group, slot, pid) = (worker.group, worker.slot, worker.pid);
+        let label = self.label(group, slot);
+        tracing::warn!(worker = %label, pid, "stuck worker killed; its replacement serves");
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 
     fn check_started(&mut self) {
@@ -831,7 +862,7 @@ impl Master {
                 for target in targeted {
                     target.last_failed_reload = Some(failed_reload(&error));
                 }
-                self.ask_reloads(|reloads, _| reloads.refused(error, waiters, started));
+                self.ask_reloads(|reloads, table| reloads.refused(error, waiters, started, table));
             }
         }
     }

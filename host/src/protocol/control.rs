@@ -127,6 +127,10 @@ pub struct GroupStatus {
     /// The last reload of this group that failed or was refused.
     #[serde(default)]
     pub last_failed_reload: Option<FailedReload>,
+    /// Handler calls that ran past `request_timeout` (each one's worker
+    /// was replaced).
+    #[serde(default)]
+    pub request_timeouts: u64,
 }
 
 /// A reload that failed, as `host status` shows it.

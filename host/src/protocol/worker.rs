@@ -45,6 +45,9 @@ pub struct WorkerSpec {
     pub header_timeout_ms: u64,
     /// Longest pause while receiving a request body.
     pub body_timeout_ms: u64,
+    /// How long a handler call on the pool may run before its request is
+    /// answered `503`; off when `None`.
+    pub request_timeout_ms: Option<u64>,
     /// Where answered requests are logged, if anywhere.
     pub access_log: Option<AccessLogTarget>,
     /// The access log's line format.

@@ -145,15 +145,40 @@ impl Connection {
             Dispatch::Pool => {
                 let handler = serving.handler;
                 let connection = self.clone();
-                tokio::task::spawn_blocking(move || {
+                let call = tokio::task::spawn_blocking(move || {
                     call_handler(handler, &parts, &body, connection.peer.as_str())
-                })
-                .await
-                .unwrap_or_else(|_| {
+                });
+                let joined = match serving.request_timeout {
+                    None => call.await,
+                    Some(limit) => match tokio::time::timeout(limit, call).await {
+                        Ok(joined) => joined,
+                        Err(_) => return self.call_stuck(limit),
+                    },
+                };
+                joined.unwrap_or_else(|_| {
                     plain(StatusCode::INTERNAL_SERVER_ERROR, "handler call failed\n")
                 })
             }
         }
+    }
+
+    /// A pool call ran past `request_timeout`: its thread cannot be
+    /// reclaimed, so the master is told (it replaces this worker) and the
+    /// request is answered `503`.
+    fn call_stuck(&self, limit: std::time::Duration) -> HttpResponse {
+        tracing::warn!(
+            peer = self.peer.as_str(),
+            "handler call still running after request_timeout ({limit:?}); answered 503"
+        );
+        self.serving
+            .counters
+            .stuck_calls
+            .fetch_add(1, Ordering::Relaxed);
+        let mut refusal = plain(StatusCode::SERVICE_UNAVAILABLE, "handler call timed out\n");
+        refusal
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        refusal
     }
 
     /// The whole request body, or the answer to send instead (413, 408,

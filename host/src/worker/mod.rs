@@ -297,6 +297,7 @@ fn start(
             max_header_bytes: spec.max_header_bytes,
             header_timeout: Duration::from_millis(spec.header_timeout_ms),
             body_timeout: Duration::from_millis(spec.body_timeout_ms),
+            request_timeout: spec.request_timeout_ms.map(Duration::from_millis),
             access_log,
         },
     );

@@ -96,6 +96,9 @@ pub struct ServerOptions {
     pub header_timeout: Duration,
     /// Longest pause while receiving a request body (at least 1 s).
     pub body_timeout: Duration,
+    /// How long a handler call on the pool may run before its request is
+    /// answered `503`; off when `None`.
+    pub request_timeout: Option<Duration>,
     /// Where answered requests are logged, if anywhere.
     pub access_log: Option<AccessLog>,
 }
@@ -117,6 +120,7 @@ impl Server {
                 handler,
                 options.dispatch,
                 options.max_body_bytes,
+                options.request_timeout,
                 counters,
                 options.access_log,
             )),
@@ -362,9 +366,11 @@ impl Server {
         self.close_connections();
     }
 
-    /// Once a second: advances `clock`, flags (then wakes) every
-    /// connection without progress for its phase's timeout, and flushes the
-    /// access log. Runs for the life of the worker.
+    /// Once a second: advances `clock`, bumps the heartbeat the master
+    /// watches for `request_timeout` (a handler call blocking the event loop
+    /// stops it), flags (then wakes) every connection without progress for
+    /// its phase's timeout, and flushes the access log. Runs for the life of
+    /// the worker.
     pub async fn expire_idle(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -373,6 +379,10 @@ impl Server {
             tick.tick().await;
             self.spread.sweep_dead();
             let now = self.serving.tick();
+            self.serving
+                .counters
+                .heartbeat
+                .fetch_add(1, Ordering::Relaxed);
             self.flush_access_log();
             for (_, connection) in self.registry().iter() {
                 let limit = match connection.phase() {

@@ -6,6 +6,7 @@
 //! of accepting, draining or the other connections.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use handler_api::HandlerModuleRef;
 
@@ -21,6 +22,9 @@ pub(super) struct Serving {
     pub(super) dispatch: Dispatch,
     /// Request body limit.
     pub(super) max_body_bytes: usize,
+    /// How long a call on the pool may run before its request is answered
+    /// `503` (inline calls are watched by the master).
+    pub(super) request_timeout: Option<Duration>,
     /// This worker's counters, shared with the master.
     pub(super) counters: SharedCounters,
     /// Where answered requests are logged, if anywhere.
@@ -38,6 +42,7 @@ impl Serving {
         handler: HandlerModuleRef,
         dispatch: Dispatch,
         max_body_bytes: usize,
+        request_timeout: Option<Duration>,
         counters: SharedCounters,
         access_log: Option<AccessLog>,
     ) -> Serving {
@@ -45,6 +50,7 @@ impl Serving {
             handler,
             dispatch,
             max_body_bytes,
+            request_timeout,
             counters,
             access_log,
             clock: AtomicU64::new(0),
