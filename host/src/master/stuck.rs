@@ -13,6 +13,9 @@
 //! cannot be reclaimed. Either way the worker is replaced through the
 //! reload machine ([`Reloads::replace_stuck`]): its replacement starts and
 //! becomes ready, then it is killed. Nothing here costs a request anything.
+//! This file changes only what it watches and counts (each worker's
+//! [`StuckWatch`], each group's `request_timeouts`); the replacement is the
+//! reload machine's.
 //!
 //! [`Reloads::replace_stuck`]: super::reload::Reloads::replace_stuck
 
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 use super::lifecycle::WorkerId;
 use super::reload::{Generation, Stuck, Target};
 use super::supervisor::Master;
+use crate::config::GroupPart;
 use crate::counters::WorkerCounters;
 
 /// How long a live event loop's heartbeat can look still: its period plus
@@ -67,7 +71,9 @@ impl Master {
         let now = Instant::now();
         let mut findings = Vec::new();
         for (id, worker) in &mut self.workers {
-            let Some(limit) = worker.config.request_timeout else {
+            // Gateways and business workers have no HTTP handler calls.
+            let http = worker.config.part == GroupPart::Http;
+            let Some(limit) = worker.config.request_timeout.filter(|_| http) else {
                 continue;
             };
             let counters = &worker.counters;
