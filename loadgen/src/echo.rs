@@ -46,7 +46,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
@@ -64,6 +63,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::histogram::Histogram;
+use crate::run_thread::{stop_requested, RunThread};
 
 /// Longest message (WebSocket) or line (text) the client accepts.
 const MAX_INCOMING: usize = 1 << 20;
@@ -307,9 +307,8 @@ pub struct Progress {
 /// A run in progress on its own thread and runtime; finish it with
 /// [`EchoRun::stop`] or [`EchoRun::wait`]. Dropping it stops the run.
 pub struct EchoRun {
-    stop: watch::Sender<bool>,
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<EchoReport>>,
+    thread: RunThread<EchoReport>,
 }
 
 impl EchoRun {
@@ -324,27 +323,13 @@ impl EchoRun {
         }
         let fd_limit = raise_fd_limit();
         let shared = Arc::new(Shared::new(&config));
-        let (stop_tx, stop_rx) = watch::channel(false);
         let thread_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("loadgen-echo".to_owned())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name("loadgen-worker")
-                    .enable_all()
-                    .build()
-                    .expect("loadgen: failed to build tokio runtime");
-                let mut report = runtime.block_on(run(Arc::new(config), thread_shared, stop_rx));
-                report.fd_limit = fd_limit;
-                report
-            })
-            .expect("loadgen: failed to spawn load thread");
-        EchoRun {
-            stop: stop_tx,
-            shared,
-            thread: Some(thread),
-        }
+        let thread = RunThread::spawn("loadgen-echo", move |stop| async move {
+            let mut report = run(Arc::new(config), thread_shared, stop).await;
+            report.fd_limit = fd_limit;
+            report
+        });
+        EchoRun { shared, thread }
     }
 
     /// Counters so far, for tests that wait on progress.
@@ -360,30 +345,12 @@ impl EchoRun {
     /// Ends sending now; clients drain their outstanding echoes (bounded by
     /// the drain timeout) and close. Returns the report.
     pub fn stop(mut self) -> EchoReport {
-        self.stop.send_replace(true);
-        self.join()
+        self.thread.stop()
     }
 
     /// Waits until the duration or the message cap ends the run.
     pub fn wait(mut self) -> EchoReport {
-        self.join()
-    }
-
-    fn join(&mut self) -> EchoReport {
-        let thread = self.thread.take().expect("loadgen: run already joined");
-        match thread.join() {
-            Ok(report) => report,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-}
-
-impl Drop for EchoRun {
-    fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.stop.send_replace(true);
-            let _ = thread.join();
-        }
+        self.thread.join()
     }
 }
 
@@ -752,10 +719,6 @@ impl Clock {
     fn now_us(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
-}
-
-fn stop_requested(stop: &watch::Receiver<bool>) -> bool {
-    *stop.borrow() || stop.has_changed().is_err()
 }
 
 /// One client: connect, exchange until sending ends, reconnect after an

@@ -48,12 +48,12 @@
 
 pub mod echo;
 mod histogram;
+mod run_thread;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -69,6 +69,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::histogram::Histogram;
+use crate::run_thread::{stop_requested, RunThread};
 
 /// Maximum number of distinct response bodies kept in [`LoadReport::bodies`].
 pub const MAX_BODY_KEYS: usize = 32;
@@ -215,9 +216,8 @@ impl LoadReport {
 /// [`LoadRun::wait`]. Dropping it without either stops the run and waits for
 /// the thread, so no load outlives its owner.
 pub struct LoadRun {
-    stop: watch::Sender<bool>,
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<LoadReport>>,
+    thread: RunThread<LoadReport>,
 }
 
 impl LoadRun {
@@ -233,25 +233,9 @@ impl LoadRun {
         }
         let settings = Arc::new(Settings::new(config));
         let shared = Arc::new(Shared::default());
-        let (stop_tx, stop_rx) = watch::channel(false);
         let thread_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("loadgen".to_owned())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name("loadgen-worker")
-                    .enable_all()
-                    .build()
-                    .expect("loadgen: failed to build tokio runtime");
-                runtime.block_on(run(settings, thread_shared, stop_rx))
-            })
-            .expect("loadgen: failed to spawn load thread");
-        LoadRun {
-            stop: stop_tx,
-            shared,
-            thread: Some(thread),
-        }
+        let thread = RunThread::spawn("loadgen", move |stop| run(settings, thread_shared, stop));
+        LoadRun { shared, thread }
     }
 
     /// Counters so far as `(ok, failed)`, without stopping the run. Meant for
@@ -268,32 +252,13 @@ impl LoadRun {
     /// by the request timeout) and are counted normally. Blocks the calling
     /// thread.
     pub fn stop(mut self) -> LoadReport {
-        self.stop.send_replace(true);
-        self.join()
+        self.thread.stop()
     }
 
     /// Waits until the duration or `max_requests` ends the run and returns the
     /// report. Blocks the calling thread.
     pub fn wait(mut self) -> LoadReport {
-        self.join()
-    }
-
-    fn join(&mut self) -> LoadReport {
-        let thread = self.thread.take().expect("loadgen: run already joined");
-        match thread.join() {
-            Ok(report) => report,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-}
-
-impl Drop for LoadRun {
-    fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.stop.send_replace(true);
-            // A panic in the load thread is not re-raised from drop.
-            let _ = thread.join();
-        }
+        self.thread.join()
     }
 }
 
@@ -452,11 +417,6 @@ async fn run(
         }
     }
     shared.report(start.elapsed())
-}
-
-/// True once `stop()` was called (or the `LoadRun` handle is gone).
-fn stop_requested(stop: &watch::Receiver<bool>) -> bool {
-    *stop.borrow() || stop.has_changed().is_err()
 }
 
 /// One connection's loop: one attempt at a time until stopped, out of time or
