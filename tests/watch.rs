@@ -104,12 +104,16 @@ fn a_pinned_group_ignores_rebuilds() {
         .to_owned();
     let output = host.cli(&["pin", &current]);
     assert!(output.status.success(), "{}", text(&output));
+    let pids = host.worker_pids();
     host.dir.install(Variant::SampleV2, "handler.so");
     wait_until("the change is seen and ignored", || {
         host.log().contains("the group is pinned")
     });
+    let status = host.status();
+    assert_eq!(status["reloading"], false, "{status}");
+    assert_eq!(status["reloads_ok"], 0, "{status}");
+    assert_eq!(host.worker_pids(), pids);
     assert_eq!(get(host.addr, "/version").body, "v1");
-    assert_eq!(host.status()["reloads_ok"], 0);
 }
 
 #[test]

@@ -338,9 +338,8 @@ impl GroupConfig {
 impl Config {
     /// Loads `path`, or `host.toml` in the current directory, or the default.
     pub fn load(path: Option<&Path>) -> Result<Config> {
-        match path {
+        match config_file(path) {
             Some(path) => Self::from_file(path),
-            None if Path::new(DEFAULT_FILE).exists() => Self::from_file(Path::new(DEFAULT_FILE)),
             None => Self::builtin(),
         }
     }
@@ -422,10 +421,8 @@ impl Config {
     /// line, else the default), so a broken edit never locks anyone out of
     /// the host that is running.
     pub fn locate_run_dir(path: Option<&Path>) -> Result<PathBuf> {
-        let path = match path {
-            Some(path) => path,
-            None if Path::new(DEFAULT_FILE).exists() => Path::new(DEFAULT_FILE),
-            None => return Ok(Self::builtin()?.run_dir),
+        let Some(path) = config_file(path) else {
+            return Ok(Self::builtin()?.run_dir);
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
@@ -504,6 +501,12 @@ impl Config {
         }
         Ok(self)
     }
+}
+
+/// The file a command reads: `-c`'s, else `host.toml` in the current
+/// directory if there is one; `None` means the built-in config.
+fn config_file(path: Option<&Path>) -> Option<&Path> {
+    path.or_else(|| Some(Path::new(DEFAULT_FILE)).filter(|p| p.exists()))
 }
 
 /// The directory a config file's relative paths are resolved against.

@@ -74,7 +74,7 @@ pub fn check_path(path: &Path, owners: Owners) -> Result<PathBuf> {
 /// Checks one file or directory (already resolved) for its owner and mode.
 /// `last` is the entry the caller cares about; above it, a directory that
 /// others can write to is acceptable only when sticky.
-fn check_entry(path: &Path, meta: &fs::Metadata, owners: Owners, last: bool) -> Result<()> {
+pub fn check_entry(path: &Path, meta: &fs::Metadata, owners: Owners, last: bool) -> Result<()> {
     if !owners.trust(meta.uid()) {
         bail!(
             "{} is owned by uid {}, not by {}; another user could replace what host loads",

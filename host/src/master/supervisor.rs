@@ -348,8 +348,6 @@ impl Master {
                     }
                     if ok {
                         self.rewatch();
-                    }
-                    if ok {
                         self.collect_store_garbage();
                     }
                 }
@@ -370,9 +368,9 @@ impl Master {
                     .chain(g.slots.iter().map(|s| s.version().hash.clone()))
             }))
             .collect();
-        // The newest build stays whatever the setting: a reload queued in watch
-        // mode may hold it as its snapshot.
-        let keep = self.config.keep_versions.max(1);
+        // A reload queued behind this one imports its handler when it starts,
+        // so nothing queued needs a build kept here.
+        let keep = self.config.keep_versions;
         match gc::collect(&self.store, &self.run_dir, &in_use, keep, false) {
             Ok((removed, _)) if !removed.is_empty() => tracing::info!(
                 removed = removed.len(),

@@ -14,14 +14,14 @@
 use std::fs::File;
 use std::io::Read as _;
 use std::os::fd::AsRawFd as _;
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 use abi_stable::library::{LibraryError, RawLibrary, RootModule};
 use anyhow::{bail, Context as _};
 use handler_api::{ConnectionExport, ConnectionModuleRef, HandlerModuleRef};
 
-use crate::trust::Owners;
+use crate::trust::{self, Owners};
 use crate::versions::store::hash_bytes;
 
 /// Loads the handler store copy at `path` (named `<sha256>.so`); the error
@@ -100,17 +100,10 @@ fn open_verified(path: &Path) -> anyhow::Result<File> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
     let meta = file.metadata()?;
-    let owners = Owners::current();
     if !meta.is_file() {
         bail!("not a regular file");
     }
-    if !owners.trust(meta.uid()) || meta.mode() & 0o022 != 0 {
-        bail!(
-            "the store copy is owned by uid {} with mode {:04o}; only root or this host's user may own it, and only they may write it",
-            meta.uid(),
-            meta.mode() & 0o7777
-        );
-    }
+    trust::check_entry(path, &meta, Owners::current(), true)?;
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.read_to_end(&mut bytes)?;
     let found = hash_bytes(&bytes);
