@@ -101,6 +101,33 @@ impl WorkerCounters {
     }
 }
 
+/// How long a worker waits after a failed accept before trying again.
+pub const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Failed accepts (EMFILE and friends): each one counted, logged at most
+/// once every ten seconds with how many there were since the last line.
+#[derive(Default)]
+pub struct AcceptFailures {
+    last_logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    /// Counts one failed accept in `counters` and logs it if a line is due.
+    pub fn record(&mut self, counters: &WorkerCounters, error: &std::io::Error) {
+        counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+        self.unlogged += 1;
+        let due = self
+            .last_logged
+            .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10));
+        if due {
+            tracing::warn!(error = %error, failures = self.unlogged, "accept failed; retrying every 50 ms");
+            self.last_logged = Some(std::time::Instant::now());
+            self.unlogged = 0;
+        }
+    }
+}
+
 /// A mapping of one worker's counters.
 pub struct SharedCounters {
     map: MmapMut,

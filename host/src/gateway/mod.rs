@@ -23,6 +23,7 @@ mod websocket;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt as _;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Protocol;
-use crate::counters::SharedCounters;
+use crate::counters::{AcceptFailures, SharedCounters, ACCEPT_RETRY};
 use crate::protocol::link::{read_frame, FromBusiness};
 use crate::protocol::worker::{FromWorker, GatewaySpec, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
@@ -52,7 +53,8 @@ pub struct Limits {
     origins: Option<Vec<String>>,
 }
 
-/// Serves as gateway `gateway.index` until the master says stop.
+/// Serves as gateway `gateway.index` until the master says stop; a start
+/// that fails is reported to the master, like any worker's.
 pub async fn run(
     spec: &WorkerSpec,
     gateway: &GatewaySpec,
@@ -60,21 +62,11 @@ pub async fn run(
     counters: OwnedFd,
     mut reader: BufReader<OwnedReadHalf>,
     mut writer: OwnedWriteHalf,
-) -> Result<()> {
+) -> Result<ExitCode> {
     let started = SharedCounters::open(counters).and_then(|c| Ok((c, listen(gateway, listener)?)));
     let (counters, (clients, links)) = match started {
         Ok(sockets) => sockets,
-        Err(error) => {
-            let error = format!("{error:#}");
-            write_line(
-                &mut writer,
-                &FromWorker::Failed {
-                    error: error.clone(),
-                },
-            )
-            .await?;
-            anyhow::bail!("{error}");
-        }
+        Err(error) => return crate::worker::report_failure(&mut writer, error).await,
     };
     let counters = Arc::new(counters);
     let linked = Arc::new(AtomicUsize::new(0));
@@ -98,6 +90,7 @@ pub async fn run(
     let (stop_accepting, accepting) = watch::channel(false);
     tokio::spawn(accept_clients(
         clients,
+        counters.clone(),
         gateway.protocol,
         limits,
         inputs.clone(),
@@ -150,7 +143,7 @@ pub async fn run(
     drop(inputs);
     hub_task.abort();
     let _ = std::fs::remove_file(&gateway.socket);
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Waits for the business workers to drain, then closes every client with
@@ -204,13 +197,14 @@ fn boot_nonce() -> u32 {
 
 async fn accept_clients(
     listener: TcpListener,
+    counters: Arc<SharedCounters>,
     protocol: Protocol,
     limits: Arc<Limits>,
     inputs: mpsc::UnboundedSender<Input>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut next_key = 0u64;
-    let mut last_error: Option<Instant> = None;
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -228,11 +222,8 @@ async fn accept_clients(
                 };
             }
             Err(e) => {
-                if last_error.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
-                    tracing::warn!("cannot accept a client: {e}");
-                    last_error = Some(Instant::now());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                failures.record(&counters, &e);
+                tokio::time::sleep(ACCEPT_RETRY).await;
             }
         }
     }
@@ -248,23 +239,13 @@ async fn accept_links(
     while let Ok((stream, _)) = listener.accept().await {
         let link = next_link;
         next_link += 1;
-        let (mut reader, mut writer) = stream.into_split();
-        let (frames, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (mut reader, writer) = stream.into_split();
+        let (frames, outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
         if inputs.send(Input::LinkUp(link, frames)).is_err() {
             return;
         }
         linked.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt as _;
-            while let Some(mut buffer) = outgoing.recv().await {
-                while let Ok(more) = outgoing.try_recv() {
-                    buffer.extend_from_slice(&more);
-                }
-                if writer.write_all(&buffer).await.is_err() {
-                    break;
-                }
-            }
-        });
+        tokio::spawn(crate::protocol::link::write_frames(writer, outgoing));
         let (inputs, linked) = (inputs.clone(), linked.clone());
         tokio::spawn(async move {
             let mut reader = BufReader::with_capacity(64 << 10, &mut reader);

@@ -287,6 +287,25 @@ fn frame(out: &mut Vec<u8>, body: impl FnOnce(&mut Encoder<'_>)) {
     out[start..start + 4].copy_from_slice(&length.to_be_bytes());
 }
 
+/// Writes what `outgoing` carries to one end of a link, everything already
+/// waiting in one write (batched under load), until the channel or the
+/// stream closes; then shuts the stream down.
+pub async fn write_frames(
+    mut writer: impl tokio::io::AsyncWrite + Unpin,
+    mut outgoing: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    while let Some(mut buffer) = outgoing.recv().await {
+        while let Ok(more) = outgoing.try_recv() {
+            buffer.extend_from_slice(&more);
+        }
+        if writer.write_all(&buffer).await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
 /// Reads one frame's body; `None` at a clean end of stream.
 pub async fn read_frame(reader: &mut (impl AsyncRead + Unpin)) -> Result<Option<Vec<u8>>> {
     let length = match reader.read_u32().await {

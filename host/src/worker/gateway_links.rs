@@ -9,8 +9,8 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use tokio::io::{AsyncWriteExt as _, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::BufReader;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
@@ -80,7 +80,7 @@ pub fn start_link(
             let (reader, writer) = stream.into_split();
             let (frames, outgoing) = mpsc::unbounded_channel();
             let generation = links.attach(index, frames);
-            let written = tokio::spawn(write_link(writer, outgoing));
+            let written = tokio::spawn(crate::protocol::link::write_frames(writer, outgoing));
             links.note_writer(written);
             read_link(index, generation, reader, work.as_ref(), &news).await;
             links.detach(index, generation);
@@ -101,18 +101,6 @@ pub fn start_link(
             };
         }
     });
-}
-
-async fn write_link(mut writer: OwnedWriteHalf, mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(mut buffer) = outgoing.recv().await {
-        while let Ok(more) = outgoing.try_recv() {
-            buffer.extend_from_slice(&more);
-        }
-        if writer.write_all(&buffer).await.is_err() {
-            return;
-        }
-    }
-    let _ = writer.shutdown().await;
 }
 
 async fn read_link(

@@ -162,8 +162,7 @@ async fn serve(fds: Fds) -> Result<ExitCode> {
         WorkerRole::Http { .. } => {}
         WorkerRole::Gateway(gateway) => {
             drop(spread);
-            crate::gateway::run(&spec, gateway, listener, counters, reader, writer).await?;
-            return Ok(ExitCode::SUCCESS);
+            return crate::gateway::run(&spec, gateway, listener, counters, reader, writer).await;
         }
         WorkerRole::Business { gateways } => {
             // Only the gateways accept on the group's listener.
@@ -227,7 +226,7 @@ async fn serve(fds: Fds) -> Result<ExitCode> {
 
 /// Tells the master why this worker cannot start (the master logs it),
 /// then fails.
-async fn report_failure(
+pub(crate) async fn report_failure(
     writer: &mut tokio::net::unix::OwnedWriteHalf,
     error: anyhow::Error,
 ) -> Result<ExitCode> {

@@ -43,7 +43,7 @@ use super::connection::{Connection, Phase};
 use super::peer::PeerAddr;
 use super::serving::Serving;
 use crate::config::Dispatch;
-use crate::counters::{SharedCounters, Timeout};
+use crate::counters::{AcceptFailures, SharedCounters, Timeout, ACCEPT_RETRY};
 use crate::protocol::worker::ConnectionInfo;
 use crate::spread::{SpreadTable, Turn};
 
@@ -198,14 +198,8 @@ impl Server {
                 None => break,
                 Some(Ok((stream, peer))) => self.start_connection(stream, peer),
                 Some(Err(e)) => {
-                    // EMFILE and friends: back off instead of spinning, and
-                    // try again as soon as the pause is over.
-                    self.serving
-                        .counters
-                        .accept_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    failures.log(&e);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    failures.record(&self.serving.counters, &e);
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                 }
             }
         }
@@ -465,27 +459,5 @@ fn whole_seconds(timeout: Duration) -> u64 {
 fn log_connection_end(result: Result<(), hyper::Error>) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
-    }
-}
-
-/// Logs failed accepts at most once every ten seconds, with how many there
-/// were since the last line (every one is counted in the metrics).
-#[derive(Default)]
-struct AcceptFailures {
-    last_logged: Option<std::time::Instant>,
-    unlogged: u64,
-}
-
-impl AcceptFailures {
-    fn log(&mut self, error: &std::io::Error) {
-        self.unlogged += 1;
-        let due = self
-            .last_logged
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
-        if due {
-            tracing::warn!(error = %error, failures = self.unlogged, "accept failed; retrying every 50 ms");
-            self.last_logged = Some(std::time::Instant::now());
-            self.unlogged = 0;
-        }
     }
 }
