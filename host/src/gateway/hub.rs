@@ -297,7 +297,7 @@ impl Hub {
             client: id,
             seq: client.next_seq,
             session: client.session.clone(),
-            peer: client.peer.clone(),
+            peer: Bytes::copy_from_slice(client.peer.as_bytes()),
             message_kind,
             data,
             handshake: handshake.map(Box::new),

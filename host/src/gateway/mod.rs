@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Protocol;
 use crate::counters::{AcceptFailures, SharedCounters, ACCEPT_RETRY};
-use crate::protocol::link::{read_frame, FromBusiness};
+use crate::protocol::link::{FrameReader, FromBusiness};
 use crate::protocol::worker::{FromWorker, GatewaySpec, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
 use hub::{Hub, Input};
@@ -248,9 +248,9 @@ async fn accept_links(
         tokio::spawn(crate::protocol::link::write_frames(writer, outgoing));
         let (inputs, linked) = (inputs.clone(), linked.clone());
         tokio::spawn(async move {
-            let mut reader = BufReader::with_capacity(64 << 10, &mut reader);
+            let mut reader = FrameReader::new(&mut reader);
             loop {
-                match read_frame(&mut reader).await {
+                match reader.next().await {
                     Ok(Some(frame)) => match FromBusiness::decode(&frame) {
                         Ok(message) => {
                             if inputs.send(Input::Link(link, message)).is_err() {

@@ -14,7 +14,7 @@
 //! they reach the client before the gateway can move it to another worker.
 
 use anyhow::{bail, Context as _, Result};
-use bytes::Bytes;
+use bytes::{Buf as _, Bytes, BytesMut};
 use handler_api::{ClientId, MessageKind};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
@@ -54,8 +54,8 @@ pub struct Event {
     pub seq: u64,
     /// The client's session when the event left the gateway.
     pub session: Bytes,
-    /// The client's address.
-    pub peer: String,
+    /// The client's address (UTF-8, checked when decoded).
+    pub peer: Bytes,
     /// The message's kind (messages only).
     pub message_kind: MessageKind,
     /// The message (messages only).
@@ -223,16 +223,33 @@ impl Encoder<'_> {
     }
 }
 
-/// Reads fields of a frame, failing on truncation.
-struct Decoder<'a>(&'a [u8]);
+/// Reads fields of a frame, failing on truncation. Bytes fields share the
+/// frame's buffer when it is given as [`Bytes`] (`shared`), and are copied
+/// otherwise.
+struct Decoder<'a> {
+    rest: &'a [u8],
+    shared: Option<&'a Bytes>,
+}
 
-impl Decoder<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8]> {
-        if self.0.len() < n {
+impl<'a> Decoder<'a> {
+    fn new(body: &'a [u8]) -> Self {
+        Decoder {
+            rest: body,
+            shared: None,
+        }
+    }
+    fn sharing(body: &'a Bytes) -> Self {
+        Decoder {
+            rest: body,
+            shared: Some(body),
+        }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.rest.len() < n {
             bail!("truncated link frame");
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
         Ok(head)
     }
     fn u8(&mut self) -> Result<u8> {
@@ -249,7 +266,16 @@ impl Decoder<'_> {
     }
     fn bytes(&mut self) -> Result<Bytes> {
         let n = self.u32()? as usize;
-        Ok(Bytes::copy_from_slice(self.take(n)?))
+        let field = self.take(n)?;
+        Ok(match self.shared {
+            Some(whole) => whole.slice_ref(field),
+            None => Bytes::copy_from_slice(field),
+        })
+    }
+    fn utf8(&mut self) -> Result<Bytes> {
+        let field = self.bytes()?;
+        std::str::from_utf8(&field).context("a link string is not UTF-8")?;
+        Ok(field)
     }
     fn string(&mut self) -> Result<String> {
         let n = self.u32()? as usize;
@@ -264,7 +290,7 @@ impl Decoder<'_> {
     }
     fn ids(&mut self) -> Result<Vec<ClientId>> {
         let n = self.u32()? as usize;
-        if n > self.0.len() / 16 {
+        if n > self.rest.len() / 16 {
             bail!("truncated link frame");
         }
         (0..n).map(|_| self.id()).collect()
@@ -306,22 +332,53 @@ pub async fn write_frames(
     let _ = writer.shutdown().await;
 }
 
-/// Reads one frame's body; `None` at a clean end of stream.
-pub async fn read_frame(reader: &mut (impl AsyncRead + Unpin)) -> Result<Option<Vec<u8>>> {
-    let length = match reader.read_u32().await {
-        Ok(length) => length as usize,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e).context("cannot read from the link"),
-    };
-    if length > MAX_FRAME {
-        bail!("a link frame of {length} bytes is over the limit");
+/// Reads frames from one end of a link into one buffer, handing out each
+/// frame's body without copying it (a frame is a slice of the buffer; the
+/// buffer's space is reused once the frames read from it are dropped).
+pub struct FrameReader<R> {
+    reader: R,
+    buffer: BytesMut,
+}
+
+/// How much a link reader asks the socket for at a time.
+const READ_CHUNK: usize = 64 << 10;
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Reads frames from `reader`.
+    pub fn new(reader: R) -> Self {
+        FrameReader {
+            reader,
+            buffer: BytesMut::new(),
+        }
     }
-    let mut body = vec![0; length];
-    reader
-        .read_exact(&mut body)
-        .await
-        .context("the link closed inside a frame")?;
-    Ok(Some(body))
+
+    /// The next frame's body; `None` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let wanted = match self.buffer.get(..4) {
+                Some(head) => {
+                    let length = u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize;
+                    if length > MAX_FRAME {
+                        bail!("a link frame of {length} bytes is over the limit");
+                    }
+                    if self.buffer.len() >= 4 + length {
+                        self.buffer.advance(4);
+                        return Ok(Some(self.buffer.split_to(length).freeze()));
+                    }
+                    4 + length
+                }
+                None => 4,
+            };
+            self.buffer
+                .reserve((wanted - self.buffer.len()).max(READ_CHUNK));
+            match self.reader.read_buf(&mut self.buffer).await {
+                Ok(0) if self.buffer.is_empty() => return Ok(None),
+                Ok(0) => bail!("the link closed inside a frame"),
+                Ok(_) => {}
+                Err(e) => return Err(e).context("cannot read from the link"),
+            }
+        }
+    }
 }
 
 impl ToBusiness {
@@ -338,7 +395,7 @@ impl ToBusiness {
                     .id(event.client)
                     .u64(event.seq)
                     .bytes(&event.session)
-                    .bytes(event.peer.as_bytes())
+                    .bytes(&event.peer)
                     .kind(event.message_kind)
                     .bytes(&event.data);
                 if let Some(handshake) = &event.handshake {
@@ -366,9 +423,10 @@ impl ToBusiness {
         })
     }
 
-    /// Reads a frame body written by [`ToBusiness::encode`].
-    pub fn decode(body: &[u8]) -> Result<ToBusiness> {
-        let mut d = Decoder(body);
+    /// Reads a frame body written by [`ToBusiness::encode`]; an event's
+    /// bytes share `body`'s buffer.
+    pub fn decode(body: &Bytes) -> Result<ToBusiness> {
+        let mut d = Decoder::sharing(body);
         let tag = d.u8()?;
         let kind = match tag {
             0 => EventKind::Connect,
@@ -392,7 +450,7 @@ impl ToBusiness {
         let client = d.id()?;
         let seq = d.u64()?;
         let session = d.bytes()?;
-        let peer = d.string()?;
+        let peer = d.utf8()?;
         let message_kind = d.kind()?;
         let data = d.bytes()?;
         let handshake = if kind == EventKind::Connect {
@@ -424,6 +482,26 @@ impl ToBusiness {
     }
 }
 
+/// Appends a [`FromBusiness::Send`] frame for `data` without making the
+/// message first (the handler's bytes are copied once, into `out`).
+pub fn encode_send(out: &mut Vec<u8>, target: &Target, kind: MessageKind, data: &[u8]) {
+    frame(out, |e| send_body(e, target, kind, data));
+}
+
+fn send_body(e: &mut Encoder<'_>, target: &Target, kind: MessageKind, data: &[u8]) {
+    e.u8(3);
+    match target {
+        Target::Client(id) => e.u8(0).id(*id),
+        Target::All { include, exclude } => {
+            e.u8(1).u8(u8::from(include.is_some()));
+            e.ids(include.as_deref().unwrap_or_default()).ids(exclude)
+        }
+        Target::Uid(uid) => e.u8(2).bytes(uid.as_bytes()),
+        Target::Group { group, exclude } => e.u8(3).bytes(group.as_bytes()).ids(exclude),
+    };
+    e.kind(kind).bytes(data);
+}
+
 impl FromBusiness {
     /// Appends this message as a frame.
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -437,21 +515,7 @@ impl FromBusiness {
             FromBusiness::Ack => {
                 e.u8(2);
             }
-            FromBusiness::Send { target, kind, data } => {
-                e.u8(3);
-                match target {
-                    Target::Client(id) => e.u8(0).id(*id),
-                    Target::All { include, exclude } => {
-                        e.u8(1).u8(u8::from(include.is_some()));
-                        e.ids(include.as_deref().unwrap_or_default()).ids(exclude)
-                    }
-                    Target::Uid(uid) => e.u8(2).bytes(uid.as_bytes()),
-                    Target::Group { group, exclude } => {
-                        e.u8(3).bytes(group.as_bytes()).ids(exclude)
-                    }
-                };
-                e.kind(*kind).bytes(data);
-            }
+            FromBusiness::Send { target, kind, data } => send_body(e, target, *kind, data),
             FromBusiness::Close {
                 client,
                 code,
@@ -492,7 +556,7 @@ impl FromBusiness {
 
     /// Reads a frame body written by [`FromBusiness::encode`].
     pub fn decode(body: &[u8]) -> Result<FromBusiness> {
-        let mut d = Decoder(body);
+        let mut d = Decoder::new(body);
         Ok(match d.u8()? {
             0 => FromBusiness::Ready,
             1 => FromBusiness::Retiring,
@@ -561,10 +625,10 @@ mod tests {
         }
     }
 
-    async fn read_all(bytes: &[u8]) -> Vec<Vec<u8>> {
-        let mut reader = bytes;
+    async fn read_all(bytes: &[u8]) -> Vec<Bytes> {
+        let mut reader = FrameReader::new(bytes);
         let mut frames = Vec::new();
-        while let Some(frame) = read_frame(&mut reader).await.unwrap() {
+        while let Some(frame) = reader.next().await.unwrap() {
             frames.push(frame);
         }
         frames
@@ -578,7 +642,7 @@ mod tests {
                 client: id(1),
                 seq: 0,
                 session: Bytes::new(),
-                peer: "127.0.0.1:5000".into(),
+                peer: Bytes::from_static(b"127.0.0.1:5000"),
                 message_kind: MessageKind::Binary,
                 data: Bytes::new(),
                 handshake: Some(Box::new(Handshake {
@@ -592,7 +656,7 @@ mod tests {
                 client: id(1),
                 seq: 1,
                 session: Bytes::from_static(b"s"),
-                peer: "p".into(),
+                peer: Bytes::from_static(b"p"),
                 message_kind: MessageKind::Text,
                 data: Bytes::from_static(b"hello"),
                 handshake: None,
@@ -661,11 +725,42 @@ mod tests {
         assert_eq!(back, from_business);
     }
 
+    #[tokio::test]
+    async fn frames_split_across_reads_come_out_whole_and_a_cut_frame_is_an_error() {
+        let mut out = Vec::new();
+        for n in 0..50u64 {
+            FromBusiness::SetSession(id(n), Bytes::from(vec![n as u8; n as usize * 37]))
+                .encode(&mut out);
+        }
+        // A pipe that holds 7 bytes: every read gets a piece of a frame.
+        let (mut tx, rx) = tokio::io::duplex(7);
+        let written = out.clone();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            tx.write_all(&written[..written.len() - 3]).await.unwrap();
+        });
+        let mut reader = FrameReader::new(rx);
+        for n in 0..49u64 {
+            let frame = reader.next().await.unwrap().expect("a frame");
+            assert_eq!(
+                FromBusiness::decode(&frame).unwrap(),
+                FromBusiness::SetSession(id(n), Bytes::from(vec![n as u8; n as usize * 37]))
+            );
+        }
+        assert!(reader.next().await.is_err(), "the last frame was cut");
+        writer.await.unwrap();
+
+        let mut over = FrameReader::new(&[0xff, 0xff, 0xff, 0xff, 0][..]);
+        assert!(over.next().await.is_err(), "a frame over the limit");
+        let mut empty = FrameReader::new(&[][..]);
+        assert!(empty.next().await.unwrap().is_none(), "a clean end");
+    }
+
     #[test]
     fn truncated_frames_are_errors() {
         let mut out = Vec::new();
         FromBusiness::BindUid(id(1), "ann".into()).encode(&mut out);
         assert!(FromBusiness::decode(&out[4..out.len() - 1]).is_err());
-        assert!(ToBusiness::decode(&[3, 0]).is_err());
+        assert!(ToBusiness::decode(&Bytes::from_static(&[3, 0])).is_err());
     }
 }

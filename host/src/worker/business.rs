@@ -32,6 +32,10 @@ use crate::protocol::link::{Event, EventKind};
 use crate::protocol::worker::{FromWorker, ToWorker, WorkerSpec};
 use crate::protocol::{read_line, write_line};
 
+/// Most events handled in one run before what they made is handed to the
+/// link writers (a bound on how long an ack waits behind later events).
+const RUN: usize = 64;
+
 /// The connection entry points of a handler loaded for a gateway group.
 pub fn entry_points(handler: &Loaded) -> Result<ConnectionModuleRef> {
     handler.connections.with_context(|| {
@@ -75,20 +79,43 @@ pub async fn run(
         .name("handler".into())
         .spawn(move || {
             let calls = gateway_calls::table();
-            while let Ok(Work::Event {
-                gateway,
-                generation,
-                event,
-            }) = thread_work.recv()
-            {
-                let entry = match event.kind {
-                    EventKind::Connect => on_connect,
-                    EventKind::Message => on_message,
-                    EventKind::Close => on_close,
+            let mut next = thread_work.recv().ok();
+            while let Some(mut work) = next.take() {
+                // The events waiting now, up to RUN, are one run: their
+                // sends and acks go to the link writers together.
+                let Some(mut run) = gateway_calls::Run::begin() else {
+                    return;
                 };
-                gateway_calls::handle(gateway, generation, || {
-                    with_raw(&event, |raw| entry(calls, raw))
-                });
+                for handled in 1.. {
+                    let Work::Event {
+                        gateway,
+                        generation,
+                        event,
+                    } = work
+                    else {
+                        return;
+                    };
+                    let entry = match event.kind {
+                        EventKind::Connect => on_connect,
+                        EventKind::Message => on_message,
+                        EventKind::Close => on_close,
+                    };
+                    run.event(gateway, generation, || {
+                        with_raw(&event, |raw| entry(calls, raw))
+                    });
+                    match thread_work.try_recv() {
+                        Ok(more) if handled < RUN => work = more,
+                        Ok(more) => {
+                            next = Some(more);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                drop(run);
+                if next.is_none() {
+                    next = thread_work.recv().ok();
+                }
             }
         })
         .context("cannot start the handler thread")?;
@@ -179,7 +206,7 @@ fn with_raw<R>(event: &Event, f: impl FnOnce(&ClientEvent<'_>) -> R) -> R {
         session: event.session.as_ref().into(),
         kind: event.message_kind,
         data: event.data.as_ref().into(),
-        peer: event.peer.as_str().into(),
+        peer: std::str::from_utf8(&event.peer).unwrap_or_default().into(),
         path: handshake.map_or("", |h| h.path.as_str()).into(),
         subprotocol: handshake.map_or("", |h| h.subprotocol.as_str()).into(),
         headers: headers.as_slice().into(),

@@ -25,7 +25,7 @@ use handler_api::{ClientId, GatewayCalls, GatewayCallsRef, MessageKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::protocol::link::{Answer, FromBusiness, Query, Target};
+use crate::protocol::link::{encode_send, Answer, FromBusiness, Query, Target};
 
 /// How long a query waits for the gateways' answers.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -153,68 +153,154 @@ impl Links {
 }
 
 thread_local! {
-    /// Frames per gateway made during the event being handled.
-    static BATCH: RefCell<Option<Vec<Vec<u8>>>> = const { RefCell::new(None) };
+    /// What the current run of events made for each gateway (kept between
+    /// runs for its buffers; `None`: this thread never ran events).
+    static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
 }
 
-/// Runs `handle` for an event of gateway `gateway` (link `generation`),
-/// then writes its calls and the event's ack.
-pub fn handle(gateway: usize, generation: u64, handle: impl FnOnce()) {
-    let Some(links) = links() else { return };
-    BATCH.with(|b| *b.borrow_mut() = Some(vec![Vec::new(); links.slots.len()]));
-    handle();
-    let batch = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
-    for (index, mut frames) in batch.into_iter().enumerate() {
-        if index == gateway {
-            let slot = lock(&links.slots[index]);
-            if slot.generation == generation {
-                FromBusiness::Ack.encode(&mut frames);
+/// The frames a run of events made, per gateway, not yet sent.
+struct Batch {
+    /// A run is going on: calls are batched.
+    active: bool,
+    frames: Vec<Vec<u8>>,
+    /// Per gateway: the link generation of the acks in `frames`, and where
+    /// each ack frame starts.
+    acks: Vec<(u64, Vec<usize>)>,
+}
+
+/// An `Ack` frame: length 1, tag 2 (see [`FromBusiness::encode`]).
+const ACK_FRAME: [u8; 5] = [0, 0, 0, 1, 2];
+
+impl Batch {
+    /// Sends what was made for gateway `index`: on the link connection its
+    /// acks are for, or, when that connection is gone (the gateway
+    /// restarted), on the new one without those acks.
+    fn send(&mut self, links: &Links, index: usize) {
+        let frames = &mut self.frames[index];
+        let (generation, acks) = &mut self.acks[index];
+        if frames.is_empty() {
+            return;
+        }
+        let capacity = frames.capacity();
+        let mut frames = std::mem::replace(frames, Vec::with_capacity(capacity));
+        let slot = lock(&links.slots[index]);
+        if !acks.is_empty() && *generation != slot.generation {
+            for &at in acks.iter().rev() {
+                frames.drain(at..at + ACK_FRAME.len());
             }
-            if let Some(link) = &slot.frames {
+        }
+        acks.clear();
+        if let Some(link) = &slot.frames {
+            if !frames.is_empty() {
                 let _ = link.send(frames);
             }
-        } else if !frames.is_empty() {
-            links.send(index, frames);
+        }
+    }
+
+    fn send_all(&mut self, links: &Links) {
+        for index in 0..self.frames.len() {
+            self.send(links, index);
         }
     }
 }
 
-/// Queues one call for gateway `index` (or every gateway).
-fn call(index: Option<usize>, message: FromBusiness) {
+/// A run of events handled one after another on the handler thread: each
+/// event's calls, then its ack, are queued for the gateways in order, and
+/// what the run made goes to each link in one piece when the run ends
+/// (one hand-off to the link writer per run rather than per event).
+pub struct Run {
+    links: &'static Links,
+}
+
+impl Run {
+    /// Starts a run (none without links).
+    pub fn begin() -> Option<Run> {
+        let links = links()?;
+        BATCH.with(|b| {
+            b.borrow_mut()
+                .get_or_insert_with(|| Batch {
+                    active: false,
+                    frames: vec![Vec::new(); links.slots.len()],
+                    acks: vec![(0, Vec::new()); links.slots.len()],
+                })
+                .active = true;
+        });
+        Some(Run { links })
+    }
+
+    /// Runs `handle` for an event of gateway `gateway` (link `generation`),
+    /// then queues the event's ack after its calls.
+    pub fn event(&mut self, gateway: usize, generation: u64, handle: impl FnOnce()) {
+        BATCH.with(|b| {
+            let mut batch = b.borrow_mut();
+            let batch = batch.as_mut().expect("a run has a batch");
+            if batch.acks[gateway].0 != generation && !batch.acks[gateway].1.is_empty() {
+                batch.send(self.links, gateway);
+            }
+        });
+        handle();
+        BATCH.with(|b| {
+            let mut batch = b.borrow_mut();
+            let batch = batch.as_mut().expect("a run has a batch");
+            let at = batch.frames[gateway].len();
+            batch.frames[gateway].extend_from_slice(&ACK_FRAME);
+            batch.acks[gateway].0 = generation;
+            batch.acks[gateway].1.push(at);
+        });
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        BATCH.with(|b| {
+            if let Some(batch) = b.borrow_mut().as_mut() {
+                batch.send_all(self.links);
+                batch.active = false;
+            }
+        });
+    }
+}
+
+/// Queues one call for gateway `index` (or every gateway), written by
+/// `encode`: into the current run's batch, or sent at once outside a run
+/// (an HTTP worker pushing).
+fn call(index: Option<usize>, encode: impl Fn(&mut Vec<u8>)) {
     let Some(links) = links() else { return };
-    let targets: Vec<usize> = match index {
-        Some(i) if i < links.slots.len() => vec![i],
+    let targets = match index {
+        Some(i) if i < links.slots.len() => i..i + 1,
         Some(_) => return,
-        None => (0..links.slots.len()).collect(),
+        None => 0..links.slots.len(),
     };
-    let frame = encoded(&message);
     let batched = BATCH.with(|b| {
         let mut batch = b.borrow_mut();
-        let Some(batch) = batch.as_mut() else {
+        let Some(batch) = batch.as_mut().filter(|b| b.active) else {
             return false;
         };
-        for &i in &targets {
-            batch[i].extend_from_slice(&frame);
+        for i in targets.clone() {
+            encode(&mut batch.frames[i]);
         }
         true
     });
     if !batched {
         for i in targets {
-            links.send(i, frame.clone());
+            let mut frame = Vec::new();
+            encode(&mut frame);
+            links.send(i, frame);
         }
     }
 }
 
-/// Writes what the current event batched so far.
+/// Queues `message` for gateway `index` (or every gateway).
+fn call_with(index: Option<usize>, message: FromBusiness) {
+    call(index, |out| message.encode(out));
+}
+
+/// Writes what the current run batched so far.
 fn flush_batch() {
     let Some(links) = links() else { return };
     BATCH.with(|b| {
         if let Some(batch) = b.borrow_mut().as_mut() {
-            for (index, frames) in batch.iter_mut().enumerate() {
-                if !frames.is_empty() {
-                    links.send(index, std::mem::take(frames));
-                }
-            }
+            batch.send_all(links);
         }
     });
 }
@@ -271,25 +357,18 @@ fn gateway_of(client: ClientId) -> Option<usize> {
     Some(client.gateway as usize)
 }
 
-fn bytes(data: RSlice<'_, u8>) -> Bytes {
-    Bytes::copy_from_slice(data.as_slice())
-}
-
 fn ids(list: RSlice<'_, ClientId>) -> Vec<ClientId> {
     list.as_slice().to_vec()
 }
 
 extern "C" fn send_to_client(client: ClientId, kind: MessageKind, data: RSlice<'_, u8>) {
-    let target = Target::Client(client);
-    call(gateway_of(client), send(target, kind, data));
+    send(gateway_of(client), Target::Client(client), kind, data);
 }
 
-fn send(target: Target, kind: MessageKind, data: RSlice<'_, u8>) -> FromBusiness {
-    FromBusiness::Send {
-        target,
-        kind,
-        data: bytes(data),
-    }
+fn send(index: Option<usize>, target: Target, kind: MessageKind, data: RSlice<'_, u8>) {
+    call(index, |out| {
+        encode_send(out, &target, kind, data.as_slice())
+    });
 }
 
 extern "C" fn send_to_all(
@@ -302,7 +381,7 @@ extern "C" fn send_to_all(
         include: include.into_option().map(ids),
         exclude: ids(exclude),
     };
-    call(None, send(target, kind, data));
+    send(None, target, kind, data);
 }
 
 extern "C" fn close_client(client: ClientId, code: u16, reason: RStr<'_>) {
@@ -311,36 +390,36 @@ extern "C" fn close_client(client: ClientId, code: u16, reason: RStr<'_>) {
         code,
         reason: reason.as_str().to_owned(),
     };
-    call(gateway_of(client), message);
+    call_with(gateway_of(client), message);
 }
 
 extern "C" fn bind_uid(client: ClientId, uid: RStr<'_>) {
-    call(
+    call_with(
         gateway_of(client),
         FromBusiness::BindUid(client, uid.as_str().to_owned()),
     );
 }
 
 extern "C" fn unbind_uid(client: ClientId, uid: RStr<'_>) {
-    call(
+    call_with(
         gateway_of(client),
         FromBusiness::UnbindUid(client, uid.as_str().to_owned()),
     );
 }
 
 extern "C" fn send_to_uid(uid: RStr<'_>, kind: MessageKind, data: RSlice<'_, u8>) {
-    call(None, send(Target::Uid(uid.as_str().to_owned()), kind, data));
+    send(None, Target::Uid(uid.as_str().to_owned()), kind, data);
 }
 
 extern "C" fn join_group(client: ClientId, group: RStr<'_>) {
-    call(
+    call_with(
         gateway_of(client),
         FromBusiness::JoinGroup(client, group.as_str().to_owned()),
     );
 }
 
 extern "C" fn leave_group(client: ClientId, group: RStr<'_>) {
-    call(
+    call_with(
         gateway_of(client),
         FromBusiness::LeaveGroup(client, group.as_str().to_owned()),
     );
@@ -356,13 +435,13 @@ extern "C" fn send_to_group(
         group: group.as_str().to_owned(),
         exclude: ids(exclude),
     };
-    call(None, send(target, kind, data));
+    send(None, target, kind, data);
 }
 
 extern "C" fn set_session(client: ClientId, session: RSlice<'_, u8>) {
-    call(
+    call_with(
         gateway_of(client),
-        FromBusiness::SetSession(client, bytes(session)),
+        FromBusiness::SetSession(client, Bytes::copy_from_slice(session.as_slice())),
     );
 }
 

@@ -9,13 +9,12 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use tokio::io::BufReader;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use super::gateway_calls::{self, Links};
-use crate::protocol::link::{read_frame, Event, ToBusiness};
+use crate::protocol::link::{Event, FrameReader, ToBusiness};
 
 /// How often a link to a gateway that is not there (yet) is retried.
 const RETRY: Duration = Duration::from_millis(50);
@@ -110,9 +109,9 @@ async fn read_link(
     work: Option<&std_mpsc::Sender<Work>>,
     news: &mpsc::UnboundedSender<LinkNews>,
 ) {
-    let mut reader = BufReader::with_capacity(64 << 10, reader);
+    let mut reader = FrameReader::new(reader);
     loop {
-        let frame = match read_frame(&mut reader).await {
+        let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(e) => {
