@@ -16,7 +16,9 @@
 //!   client ID only (a send to all with an include list);
 //! - `whois ID`: whether ID is online, and its nickname (its session);
 //! - `kick NAME`: closes NAME's clients (code 4000);
-//! - `leave`: leaves the room; `forget`: drops the nickname.
+//! - `leave`: leaves the room; `forget`: drops the nickname;
+//! - `version`: which build answers (`CHAT_VERSION` at build time, default
+//!   the crate's version), to see a reload take effect in an open page.
 //!
 //! The nickname and room live in the client's session (`name\nroom`),
 //! which the gateway keeps across reloads of this handler.
@@ -188,7 +190,8 @@ impl Handler for Chat {
             }
             "count" => reply(&format!("{rest}: {}", gateway.group_client_count(rest))),
             "online" => reply(&format!("online: {}", gateway.client_count())),
-            _ => reply("commands: nick, join, say, to, count, online, shout, tell, whois, kick, leave, forget"),
+            "version" => reply(&format!("chat {VERSION}")),
+            _ => reply("commands: nick, join, say, to, count, online, shout, tell, whois, kick, leave, forget, version"),
         }
     }
 

@@ -66,6 +66,8 @@ pub enum Variant {
     Echo(&'static str),
     /// sample-chat.
     Chat,
+    /// sample-chat with `CHAT_VERSION=<version>`.
+    ChatVersion(&'static str),
 }
 
 impl Variant {
@@ -79,6 +81,7 @@ impl Variant {
             Variant::OldApi => "old-api.so".into(),
             Variant::Echo(version) => format!("echo-{version}.so"),
             Variant::Chat => "chat.so".into(),
+            Variant::ChatVersion(version) => format!("chat-{version}.so"),
         }
     }
 
@@ -115,6 +118,11 @@ impl Variant {
                 Some(("ECHO_VERSION", version)),
             ),
             Variant::Chat => ("sample-chat", "libsample_chat.so", None),
+            Variant::ChatVersion(version) => (
+                "sample-chat",
+                "libsample_chat.so",
+                Some(("CHAT_VERSION", version)),
+            ),
         }
     }
 }
@@ -143,6 +151,7 @@ pub fn handler(variant: Variant) -> PathBuf {
         .arg(&target)
         .env_remove("SAMPLE_VERSION")
         .env_remove("ECHO_VERSION")
+        .env_remove("CHAT_VERSION")
         .env_remove("FAULTY_MODE");
     if variant == Variant::OtherApiVersion {
         cargo.current_dir(other_api_workspace(&target));
