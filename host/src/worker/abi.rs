@@ -160,6 +160,7 @@ fn header_value(value: RCowStr<'static>) -> Result<HeaderValue, InvalidHeaderVal
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
+    use hyper::body::Body as _;
 
     #[test]
     fn a_body_comes_whole_or_in_pieces_of_body_piece() {
