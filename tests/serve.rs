@@ -36,6 +36,22 @@ fn serves_the_sample_routes() {
     assert_eq!(get(host.addr, "/version").body, "v1");
     let echo = request(host.addr, "POST", "/echo", b"some bytes").unwrap();
     assert_eq!((echo.status, echo.body.as_str()), (200, "some bytes"));
+    // A body many times the worker's write buffer (sent in pieces) comes
+    // back whole, with its length.
+    let large: Vec<u8> = (0..200_001u32)
+        .map(|i| b"0123456789abcdefghijklmnopqrstuvwxyz"[i as usize % 36])
+        .collect();
+    let echo = request(host.addr, "POST", "/echo", &large).unwrap();
+    assert_eq!(echo.status, 200);
+    assert!(
+        echo.headers.contains("content-length: 200001"),
+        "{}",
+        echo.headers
+    );
+    assert!(
+        echo.body.as_bytes() == large.as_slice(),
+        "the large echo differs"
+    );
     assert_eq!(get(host.addr, "/sleep?ms=5").body, "slept 5 ms");
     assert_eq!(get(host.addr, "/sleep?ms=oops").status, 400);
     assert_eq!(get(host.addr, "/nowhere").status, 404);

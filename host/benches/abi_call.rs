@@ -30,7 +30,6 @@ use abi_stable::library::RootModule;
 use abi_stable::std_types::{RResult, RStr};
 use bytes::Bytes;
 use handler_api::{HandlerModuleRef, Header, Level, Request, StartContext};
-use host::abi::HttpResponse;
 
 extern "C" fn discard_log(_level: Level, _message: RStr<'_>) {}
 
@@ -53,7 +52,11 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// What `baseline-server` does per request once the body is collected.
-fn via_route(parts: &hyper::http::request::Parts, body: &Bytes, pid: u32) -> HttpResponse {
+fn via_route(
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    pid: u32,
+) -> baseline::server::HttpResponse {
     baseline::server::http_response(baseline::route(
         parts.method.as_str(),
         parts.uri.path(),

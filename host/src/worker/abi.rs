@@ -2,20 +2,77 @@
 //! request, call the library, check the answer and turn it into hyper's
 //! response. Public (through the `host` library) for the ABI benchmark.
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use abi_stable::std_types::{RCow, RCowStr};
 use bytes::Bytes;
 use handler_api::{HandlerModuleRef, Header, Request, ResponseHeader};
-use http_body_util::Full;
+use hyper::body::{Frame, SizeHint};
 use hyper::header::{HeaderName, HeaderValue, InvalidHeaderValue, CONTENT_TYPE};
 use hyper::StatusCode;
 use smallvec::SmallVec;
 
 /// The responses workers send.
-pub type HttpResponse = hyper::Response<Full<Bytes>>;
+pub type HttpResponse = hyper::Response<Body>;
+
+/// The most body bytes handed to hyper at once.
+///
+/// Workers have hyper flatten each response into its connection's write
+/// buffer (`http1::Builder::writev(false)`): a small answer then leaves in
+/// one `send` of one contiguous buffer, which costs less, in user space
+/// and in the kernel, than hyper's queue of buffers and a two-part
+/// `writev`. hyper copies every body frame into that buffer whole and keeps
+/// its capacity for the connection's life, so a large body goes in pieces:
+/// the buffer stays under `max_buf_size` plus one piece.
+pub const BODY_PIECE: usize = 16 << 10;
+
+/// A response body known in full, given to hyper in pieces of at most
+/// [`BODY_PIECE`] bytes (one frame for a small body, like `Full`).
+#[derive(Debug, Default)]
+pub struct Body {
+    rest: Bytes,
+}
+
+impl Body {
+    /// A body of these bytes.
+    pub fn new(bytes: Bytes) -> Body {
+        Body { rest: bytes }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let piece = if self.rest.len() <= BODY_PIECE {
+            std::mem::take(&mut self.rest)
+        } else {
+            self.rest.split_to(BODY_PIECE)
+        };
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
 
 /// A `text/plain` response with a fixed body, for the host's own answers.
 pub fn plain(status: StatusCode, body: &'static str) -> HttpResponse {
-    let mut response = hyper::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut response = hyper::Response::new(Body::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
@@ -66,7 +123,7 @@ pub fn into_http(answer: handler_api::Response) -> HttpResponse {
             "handler returned an invalid status\n",
         );
     };
-    let mut response = hyper::Response::new(Full::new(Bytes::from_owner(body)));
+    let mut response = hyper::Response::new(Body::new(Bytes::from_owner(body)));
     *response.status_mut() = status;
     let map = response.headers_mut();
     if !content_type.is_empty() {
@@ -102,6 +159,38 @@ fn header_value(value: RCowStr<'static>) -> Result<HeaderValue, InvalidHeaderVal
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt as _;
+    use hyper::body::Body as _;
+
+    #[test]
+    fn a_body_comes_whole_or_in_pieces_of_body_piece() {
+        let frames = |len: usize| {
+            let body = Body::new(Bytes::from(vec![7u8; len]));
+            assert_eq!(body.size_hint().exact(), Some(len as u64));
+            assert_eq!(body.is_end_stream(), len == 0);
+            let collected = data_frames(body);
+            assert_eq!(collected.iter().map(Bytes::len).sum::<usize>(), len);
+            collected.iter().map(Bytes::len).collect::<Vec<_>>()
+        };
+        assert_eq!(frames(0), Vec::<usize>::new());
+        assert_eq!(frames(31), [31]);
+        assert_eq!(frames(BODY_PIECE), [BODY_PIECE]);
+        assert_eq!(frames(2 * BODY_PIECE + 5), [BODY_PIECE, BODY_PIECE, 5]);
+    }
+
+    /// Every data frame of `body`, polled to the end.
+    fn data_frames(mut body: Body) -> Vec<Bytes> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut frames = Vec::new();
+            while let Some(frame) = body.frame().await {
+                frames.push(frame.unwrap().into_data().unwrap());
+            }
+            frames
+        })
+    }
 
     #[test]
     fn invalid_headers_are_dropped_and_invalid_statuses_refused() {

@@ -251,6 +251,9 @@ impl Server {
         };
         let conn = http1::Builder::new()
             .max_buf_size(self.max_header_bytes)
+            // One contiguous buffer per answer: one `send`, no queue of
+            // buffers (see `abi::Body` for how large bodies stay bounded).
+            .writev(false)
             .serve_connection(TokioIo::new(stream), service);
         tokio::pin!(conn);
         // Not a select! on a channel: that would be polled on every wake-up
