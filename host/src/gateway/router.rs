@@ -2,7 +2,8 @@
 //! a state machine, without sockets, so every rule is unit-tested here.
 //!
 //! - A client is bound to one ready link (sticky), so one worker sees its
-//!   events, in order.
+//!   events, in order: the one with the fewest clients, the newest of
+//!   equals (on a reload, the replacement).
 //! - A link that is retiring (or gone) gets no new events. A client bound
 //!   to it keeps its new events here until the link acknowledged every
 //!   earlier one; then it moves to a ready link and its queue goes out in
