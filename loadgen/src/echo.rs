@@ -1043,6 +1043,19 @@ async fn connect(id: usize, config: &EchoConfig) -> anyhow::Result<Connection> {
     .context("socket")?;
     if !config.sources.is_empty() {
         let source = config.sources[id % config.sources.len()];
+        // Let `connect` pick the port, for the whole address pair: a bind to
+        // port 0 would pick one unused by any socket of that address, a
+        // search that grows with the connections (and TIME_WAITs) there and
+        // runs out at the ephemeral range.
+        #[cfg(target_os = "linux")]
+        if source.is_ipv4() {
+            use std::os::fd::AsFd as _;
+            let _ = nix::sys::socket::setsockopt(
+                &socket.as_fd(),
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            );
+        }
         socket
             .bind(SocketAddr::new(source, 0))
             .with_context(|| format!("bind {source}"))?;

@@ -2,7 +2,8 @@
 //! a state machine, without sockets, so every rule is unit-tested here.
 //!
 //! - A client is bound to one ready link (sticky), so one worker sees its
-//!   events, in order.
+//!   events, in order: the one with the fewest clients, the newest of
+//!   equals (on a reload, the replacement).
 //! - A link that is retiring (or gone) gets no new events. A client bound
 //!   to it keeps its new events here until the link acknowledged every
 //!   earlier one; then it moves to a ready link and its queue goes out in
@@ -30,6 +31,8 @@ struct Link {
     ready: bool,
     /// The clients of the events sent and not yet acknowledged, in order.
     unacked: VecDeque<ClientKey>,
+    /// Clients bound to this link.
+    clients: usize,
 }
 
 struct Route<E> {
@@ -58,7 +61,6 @@ pub struct Router<E> {
     waiting: VecDeque<ClientKey>,
     queued: usize,
     max_queued: usize,
-    next_pick: usize,
     lost: u64,
 }
 
@@ -71,7 +73,6 @@ impl<E> Router<E> {
             waiting: VecDeque::new(),
             queued: 0,
             max_queued,
-            next_pick: 0,
             lost: 0,
         }
     }
@@ -93,6 +94,7 @@ impl<E> Router<E> {
             Link {
                 ready: false,
                 unacked: VecDeque::new(),
+                clients: 0,
             },
         );
     }
@@ -141,7 +143,7 @@ impl<E> Router<E> {
         route.queue.push_back(event);
         self.queued += 1;
         if !must_wait {
-            route.bound = None;
+            self.unbind(client);
             self.flush(client, out);
         }
         Ok(())
@@ -191,10 +193,21 @@ impl<E> Router<E> {
             return;
         }
         if !route.queue.is_empty() && !link_ready {
-            route.bound = None;
+            self.unbind(client);
             self.flush(client, out);
         } else if route.closed && route.queue.is_empty() {
+            self.unbind(client);
             self.routes.remove(&client);
+        }
+    }
+
+    /// Takes `client` off the link it was bound to.
+    fn unbind(&mut self, client: ClientKey) {
+        let Some(link) = self.routes.get_mut(&client).and_then(|r| r.bound.take()) else {
+            return;
+        };
+        if let Some(l) = self.links.get_mut(&link) {
+            l.clients -= 1;
         }
     }
 
@@ -213,6 +226,9 @@ impl<E> Router<E> {
             return;
         }
         route.bound = Some(link);
+        if let Some(l) = self.links.get_mut(&link) {
+            l.clients += 1;
+        }
         let queue = std::mem::take(&mut route.queue);
         self.queued -= queue.len();
         for event in queue {
@@ -230,19 +246,19 @@ impl<E> Router<E> {
         out.push((link, event));
     }
 
-    /// The next ready link, round robin.
-    fn pick(&mut self) -> Option<LinkId> {
-        let ready: Vec<LinkId> = self
-            .links
+    /// The ready link with the fewest clients; of those, the newest.
+    ///
+    /// On a reload the replacement links (the newest) before its old
+    /// worker retires, with no clients: the retiring worker's clients go
+    /// to it rather than to another old worker about to retire too, which
+    /// would move them a second time (each move holds a client's events
+    /// until its old worker acknowledged the earlier ones).
+    fn pick(&self) -> Option<LinkId> {
+        self.links
             .iter()
             .filter(|(_, l)| l.ready)
+            .min_by_key(|(id, l)| (l.clients, std::cmp::Reverse(**id)))
             .map(|(id, _)| *id)
-            .collect();
-        if ready.is_empty() {
-            return None;
-        }
-        self.next_pick = self.next_pick.wrapping_add(1);
-        Some(ready[self.next_pick % ready.len()])
     }
 }
 
@@ -347,5 +363,51 @@ mod tests {
         router.ack(1, &mut Vec::new());
         router.ack(1, &mut Vec::new());
         assert!(router.routes.is_empty());
+    }
+
+    #[test]
+    fn a_new_client_goes_to_the_link_with_fewest_clients_the_newest_of_equals() {
+        let mut router = ready_router(&[1, 2]);
+        assert_eq!(routed(&mut router, 7, "a"), vec![(2, "a")]);
+        assert_eq!(routed(&mut router, 8, "a"), vec![(1, "a")]);
+        assert_eq!(routed(&mut router, 9, "a"), vec![(2, "a")]);
+        // 8 leaves: link 1 has the fewest again once its close is handled.
+        assert_eq!(routed(&mut router, 8, "close"), vec![(1, "close")]);
+        router.ack(1, &mut Vec::new());
+        router.ack(1, &mut Vec::new());
+        assert_eq!(routed(&mut router, 10, "a"), vec![(1, "a")]);
+    }
+
+    #[test]
+    fn a_rolling_reload_moves_each_client_once_to_a_replacement() {
+        let mut router = ready_router(&[1, 2]);
+        let clients = [7, 8, 9, 10];
+        let mut on = HashMap::new();
+        for client in clients {
+            let out = routed(&mut router, client, "a");
+            on.insert(client, out[0].0);
+            router.ack(out[0].0, &mut Vec::new());
+        }
+        // Slot by slot: the replacement links, then the old worker retires
+        // (the other old worker is still ready).
+        for (old, new) in [(1, 3), (2, 4)] {
+            router.link_up(new);
+            router.ready(new, &mut Vec::new());
+            router.retiring(old);
+            for client in clients {
+                let out = routed(&mut router, client, "b");
+                let link = out[0].0;
+                if on[&client] == old {
+                    assert_eq!(link, new, "client {client} of link {old}");
+                } else {
+                    assert_eq!(link, on[&client], "client {client} moved twice");
+                }
+                on.insert(client, link);
+                router.ack(link, &mut Vec::new());
+            }
+        }
+        let mut spread: Vec<LinkId> = on.values().copied().collect();
+        spread.sort();
+        assert_eq!(spread, vec![3, 3, 4, 4]);
     }
 }
