@@ -99,15 +99,17 @@ stop_pid() {
     return 0
 }
 
+# The host binary run (a script may point it at another build).
+host_bin=""
 # host_status CONFIG: `host status --json` of the host run from CONFIG.
-host_status() { "$release/host" status -c "$1" --json 2>/dev/null; }
+host_status() { "${host_bin:-$release/host}" status -c "$1" --json 2>/dev/null; }
 
 # start_host DIR: runs `host start` in the foreground on DIR/host.toml
 # (log in DIR/host.log) and waits up to 60 s until every worker of every
 # group is ready. Sets host_pid and host_json (the status then).
 start_host() {
     local dir=$1 wanted ready
-    "$release/host" start -c "$dir/host.toml" >"$dir/host.log" 2>&1 &
+    "${host_bin:-$release/host}" start -c "$dir/host.toml" >"$dir/host.log" 2>&1 &
     host_pid=$!
     bench_pids+=("$host_pid")
     for _ in $(seq 600); do
