@@ -31,7 +31,7 @@
 //!   duration ends, answering the server's WebSocket pings, then close; the
 //!   report says when all of them were connected at once
 //!   ([`EchoReport::all_connected_secs`]). Connects in progress are bounded
-//!   (512 at once, all clients together), as a listener's backlog is.
+//!   ([`EchoConfig::max_connecting`]), as a listener's backlog is.
 //! * Broadcast: with [`EchoConfig::broadcast_every`], client 0 sends `bT`
 //!   (send time) at that interval once every client's connection has had an
 //!   echo (so the server surely knows them all); the server
@@ -59,7 +59,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -86,11 +86,6 @@ pub const MAX_GAP_SECONDS: usize = 3600;
 const MAX_FIRST_ERRORS: usize = 10;
 /// Stand-in for "no deadline" when the duration is too large to add to now.
 const FAR_FUTURE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Connects (TCP and handshake) in progress at once, all clients together:
-/// below a listener's usual backlog (1024), so that tens of thousands of
-/// clients starting together are not refused SYNs and slowed by their
-/// retransmission.
-const MAX_CONNECTING: usize = 512;
 
 /// The protocol the clients speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -144,6 +139,12 @@ pub struct EchoConfig {
     /// Bound on one connect (TCP and WebSocket handshake) and on the wait
     /// for outstanding echoes once sending ended.
     pub drain_timeout: Duration,
+    /// Connects (TCP and handshake) in progress at once, all clients
+    /// together. Below the server's listen backlog (often 1024; the sum
+    /// over every process connecting to it), so that tens of thousands of
+    /// clients starting together do not overflow its accept queue and wait
+    /// out SYN retransmissions (1 s, 3 s, 7 s, ...).
+    pub max_connecting: usize,
 }
 
 impl EchoConfig {
@@ -162,6 +163,7 @@ impl EchoConfig {
             sources: Vec::new(),
             broadcast_every: None,
             drain_timeout: Duration::from_secs(5),
+            max_connecting: 512,
         }
     }
 
@@ -181,6 +183,7 @@ impl EchoConfig {
             );
         }
         ensure!(self.clients > 0, "clients must be at least 1");
+        ensure!(self.max_connecting > 0, "max_connecting must be at least 1");
         match self.pace {
             Pace::Rate(rate) => ensure!(
                 rate.is_finite() && rate > 0.0 && rate <= 1e6,
@@ -553,8 +556,8 @@ struct Shared {
     serving: AtomicUsize,
     /// Clients connected now.
     connected: AtomicUsize,
-    /// Bounds the connects in progress ([`MAX_CONNECTING`]).
-    connecting: Connecting,
+    /// Bounds the connects in progress ([`EchoConfig::max_connecting`]).
+    connecting: Permits,
     connections_opened: AtomicU64,
     connect_failures: AtomicU64,
     lost: AtomicU64,
@@ -571,12 +574,12 @@ struct Shared {
     samples: Mutex<Samples>,
 }
 
-/// The permits of [`MAX_CONNECTING`] connects.
-struct Connecting(tokio::sync::Semaphore);
+/// A semaphore, with no permits by default.
+struct Permits(Semaphore);
 
-impl Default for Connecting {
-    fn default() -> Connecting {
-        Connecting(tokio::sync::Semaphore::new(MAX_CONNECTING))
+impl Default for Permits {
+    fn default() -> Permits {
+        Permits(Semaphore::new(0))
     }
 }
 
@@ -606,6 +609,7 @@ impl Shared {
             .min(MAX_GAP_SECONDS as u64);
         Shared {
             gaps_by_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+            connecting: Permits(Semaphore::new(config.max_connecting)),
             ..Shared::default()
         }
     }

@@ -14,7 +14,9 @@
 //!
 //! With `--idle`, a line `loadgen: all N clients connected` goes
 //! to stderr once every client is connected, so that a script can measure
-//! the server while they are held.
+//! the server while they are held. SIGINT or SIGTERM ends a ws/text run
+//! early, as its duration would: the clients close and the report is
+//! printed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -24,6 +26,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use loadgen::echo::{EchoConfig, EchoReport, EchoRun, Pace};
 use loadgen::{LoadConfig, LoadReport, LoadRun};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 /// Load client that counts every failure by kind and never retries:
 /// keep-alive HTTP/1.1 requests, or WebSocket / text echo checking every
@@ -62,6 +66,10 @@ struct Args {
     /// unless --rate or --idle].
     #[arg(long, conflicts_with_all = ["rate", "idle"])]
     window: Option<usize>,
+    /// ws/text: connects (TCP and handshake) in progress at once; keep the
+    /// sum over every loadgen below the server's listen backlog.
+    #[arg(long, default_value_t = 512)]
+    connecting: usize,
     /// ws/text: send nothing; hold the connections (answering pings) for the
     /// duration, then close them.
     #[arg(long, conflicts_with_all = ["rate", "messages", "broadcast_every"])]
@@ -159,20 +167,35 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.sources = args.sources;
     config.broadcast_every = args.broadcast_every.map(Duration::from_secs_f64);
     config.drain_timeout = Duration::from_secs_f64(args.timeout);
+    config.max_connecting = args.connecting;
     config.validate().context("invalid arguments")?;
 
+    // Blocked before the run's threads start, so that they inherit the
+    // mask and the signals wait in the signalfd.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+        .thread_block()
+        .context("blocking SIGINT and SIGTERM")?;
+    let signalled = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .context("signalfd")?;
     let clients = config.clients;
     let run = EchoRun::start(config);
-    if args.idle {
-        while !run.is_finished() {
-            if run.progress().connected >= clients {
-                eprintln!("loadgen: all {clients} clients connected");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    let mut announced = !args.idle;
+    let report = loop {
+        if run.is_finished() {
+            break run.wait();
         }
-    }
-    let report = run.wait();
+        if matches!(signalled.read_signal(), Ok(Some(_))) {
+            break run.stop();
+        }
+        if !announced && run.progress().connected >= clients {
+            eprintln!("loadgen: all {clients} clients connected");
+            announced = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     println!(
         "{}",
         serde_json::to_string(&report).context("serializing the report")?
