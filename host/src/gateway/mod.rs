@@ -17,6 +17,7 @@
 //! with 1001 "going away".
 
 mod hub;
+mod lazy_read;
 mod router;
 mod text;
 mod websocket;
