@@ -815,3 +815,70 @@ fn loadgen_sees_nothing_lost_across_reloads_on_websocket_and_text() {
         );
     }
 }
+
+/// Clients the gateway processes hold, from `host status`.
+fn gateway_connections(host: &Host) -> u64 {
+    host.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["group"] == "echo-gateways")
+        .map(|w| w["connections"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn idle_clients_answering_pings_are_all_held_across_a_reload() {
+    const CLIENTS: usize = 2000;
+    let dir = TestDir::new("gw-idle-held");
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    // A short heartbeat, so that every client is pinged while it is held
+    // and one that does not answer is dropped within about 4 s (not less:
+    // a loaded 2-core machine can hold up a debug build's pong for a
+    // second or two).
+    let host = Host::start(
+        dir,
+        &gateway_config(
+            &handler,
+            "websocket",
+            2,
+            "ping_interval = \"1s\"\nmissed_pongs = 4",
+        ),
+    );
+    let mut config = loadgen::echo::EchoConfig::new(host.addr, loadgen::echo::Protocol::WebSocket);
+    config.clients = CLIENTS;
+    config.pace = loadgen::echo::Pace::Idle;
+    config.duration = DEADLINE;
+    let run = loadgen::echo::EchoRun::start(config);
+    wait_until("every client connects", || {
+        run.progress().connected == CLIENTS
+    });
+    wait_until("the gateway counts every client", || {
+        gateway_connections(&host) == CLIENTS as u64
+    });
+    let before = business_pids(&host);
+    host.dir.install(Variant::Echo("v2"), "echo.so");
+    reload(&host);
+    wait_until("new business workers are ready", || {
+        let now = business_pids(&host);
+        now.len() == before.len() && now.iter().all(|pid| !before.contains(pid))
+    });
+    // Five heartbeats after the reload: every client is still there.
+    let held_since = Instant::now();
+    wait_until("five ping intervals pass with every client held", || {
+        assert_eq!(gateway_connections(&host), CLIENTS as u64);
+        assert_eq!(run.progress().connected, CLIENTS);
+        held_since.elapsed() >= Duration::from_secs(5)
+    });
+    let report = run.stop();
+    assert_eq!(report.connections_opened, CLIENTS as u64, "{report:?}");
+    assert_eq!(
+        (
+            report.connect_failures,
+            report.disconnected(),
+            report.unexpected
+        ),
+        (0, 0, 0),
+        "{report:?}"
+    );
+}

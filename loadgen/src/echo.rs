@@ -27,6 +27,11 @@
 //!   ([`DisconnectKind`]); what that connection still had outstanding is
 //!   lost. The client then reconnects (after 10 ms) with a fresh tracker —
 //!   never resending: a retry would hide the loss.
+//! * Idle ([`Pace::Idle`]): clients connect and send nothing until the
+//!   duration ends, answering the server's WebSocket pings, then close; the
+//!   report says when all of them were connected at once
+//!   ([`EchoReport::all_connected_secs`]). Connects in progress are bounded
+//!   ([`EchoConfig::max_connecting`]), as a listener's backlog is.
 //! * Broadcast: with [`EchoConfig::broadcast_every`], client 0 sends `bT`
 //!   (send time) at that interval once every client's connection has had an
 //!   echo (so the server surely knows them all); the server
@@ -54,7 +59,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -99,6 +104,10 @@ pub enum Pace {
     Rate(f64),
     /// Keep this many messages unanswered: send a new one per echo (flood).
     Window(usize),
+    /// Send nothing: hold the connection (answering WebSocket pings) until
+    /// the duration ends, then close it. For measuring what idle clients
+    /// cost a server.
+    Idle,
 }
 
 /// What to load and how. Build it with [`EchoConfig::new`] and adjust the
@@ -130,6 +139,12 @@ pub struct EchoConfig {
     /// Bound on one connect (TCP and WebSocket handshake) and on the wait
     /// for outstanding echoes once sending ended.
     pub drain_timeout: Duration,
+    /// Connects (TCP and handshake) in progress at once, all clients
+    /// together. Below the server's listen backlog (often 1024; the sum
+    /// over every process connecting to it), so that tens of thousands of
+    /// clients starting together do not overflow its accept queue and wait
+    /// out SYN retransmissions (1 s, 3 s, 7 s, ...).
+    pub max_connecting: usize,
 }
 
 impl EchoConfig {
@@ -148,6 +163,7 @@ impl EchoConfig {
             sources: Vec::new(),
             broadcast_every: None,
             drain_timeout: Duration::from_secs(5),
+            max_connecting: 512,
         }
     }
 
@@ -167,12 +183,17 @@ impl EchoConfig {
             );
         }
         ensure!(self.clients > 0, "clients must be at least 1");
+        ensure!(self.max_connecting > 0, "max_connecting must be at least 1");
         match self.pace {
             Pace::Rate(rate) => ensure!(
                 rate.is_finite() && rate > 0.0 && rate <= 1e6,
                 "rate must be in (0, 1e6] messages per second (got {rate})"
             ),
             Pace::Window(window) => ensure!(window > 0, "window must be at least 1"),
+            Pace::Idle => ensure!(
+                self.broadcast_every.is_none() && self.messages_per_client.is_none(),
+                "idle clients send no broadcasts and no messages"
+            ),
         }
         ensure!(
             self.path.starts_with('/'),
@@ -243,6 +264,9 @@ pub struct EchoReport {
     pub connect_failures: u64,
     /// Connections established.
     pub connections_opened: u64,
+    /// Time from the start until every client was connected at once, s
+    /// (`None`: never).
+    pub all_connected_secs: Option<f64>,
     /// Wall time until every client had finished.
     pub elapsed_secs: f64,
     /// `received / elapsed_secs`.
@@ -300,6 +324,8 @@ pub struct Progress {
     pub received: u64,
     /// Clients whose current connection has had at least one echo.
     pub serving: usize,
+    /// Clients connected now.
+    pub connected: usize,
     /// Broadcasts client 0 sent.
     pub broadcasts_sent: u64,
 }
@@ -338,6 +364,7 @@ impl EchoRun {
             sent: self.shared.sent.load(Ordering::Relaxed),
             received: self.shared.received.load(Ordering::Relaxed),
             serving: self.shared.serving.load(Ordering::Relaxed),
+            connected: self.shared.connected.load(Ordering::Relaxed),
             broadcasts_sent: self.shared.broadcasts_sent.load(Ordering::Relaxed),
         }
     }
@@ -351,6 +378,11 @@ impl EchoRun {
     /// Waits until the duration or the message cap ends the run.
     pub fn wait(mut self) -> EchoReport {
         self.thread.join()
+    }
+
+    /// True once the run has ended ([`EchoRun::wait`] returns at once).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
     }
 }
 
@@ -522,6 +554,10 @@ struct Shared {
     received: AtomicU64,
     /// Clients whose current connection has had an echo.
     serving: AtomicUsize,
+    /// Clients connected now.
+    connected: AtomicUsize,
+    /// Bounds the connects in progress ([`EchoConfig::max_connecting`]).
+    connecting: Permits,
     connections_opened: AtomicU64,
     connect_failures: AtomicU64,
     lost: AtomicU64,
@@ -538,8 +574,19 @@ struct Shared {
     samples: Mutex<Samples>,
 }
 
+/// A semaphore, with no permits by default.
+struct Permits(Semaphore);
+
+impl Default for Permits {
+    fn default() -> Permits {
+        Permits(Semaphore::new(0))
+    }
+}
+
 #[derive(Default)]
 struct Samples {
+    /// When every client was connected at once, first.
+    all_connected: Option<Duration>,
     latency_us: Histogram,
     fanout_us: Histogram,
     disconnects: BTreeMap<String, u64>,
@@ -562,6 +609,7 @@ impl Shared {
             .min(MAX_GAP_SECONDS as u64);
         Shared {
             gaps_by_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+            connecting: Permits(Semaphore::new(config.max_connecting)),
             ..Shared::default()
         }
     }
@@ -683,6 +731,7 @@ fn report(config: &EchoConfig, shared: &Shared, elapsed: Duration, cpu: Duration
         disconnects: samples.disconnects.clone(),
         connect_failures: load(&shared.connect_failures),
         connections_opened: load(&shared.connections_opened),
+        all_connected_secs: samples.all_connected.map(|d| d.as_secs_f64()),
         elapsed_secs,
         messages_per_sec: per_sec(received as f64),
         latency_p50_us: samples.latency_us.quantile(0.50),
@@ -737,7 +786,10 @@ async fn client(
         if stop_requested(&stop) || Instant::now() >= clock.deadline || budget == 0 {
             break;
         }
-        let connected = tokio::time::timeout(config.drain_timeout, connect(id, &config)).await;
+        let connected = {
+            let _permit = shared.connecting.0.acquire().await;
+            tokio::time::timeout(config.drain_timeout, connect(id, &config)).await
+        };
         let mut conn = match connected {
             Ok(Ok(conn)) => conn,
             failed => {
@@ -752,6 +804,12 @@ async fn client(
             }
         };
         shared.connections_opened.fetch_add(1, Ordering::Relaxed);
+        if shared.connected.fetch_add(1, Ordering::Relaxed) + 1 == config.clients {
+            let mut samples = lock(&shared.samples);
+            if samples.all_connected.is_none() {
+                samples.all_connected = Some(clock.start.elapsed());
+            }
+        }
         let mut tracker = Tracker::starting_at(next_seq);
         let mut exchange = Exchange {
             id: id as u64,
@@ -766,6 +824,7 @@ async fn client(
         let ended = exchange.run(&mut conn, &mut stop).await;
         // Answers a server's close frame, or closes our side.
         conn.close().await;
+        shared.connected.fetch_sub(1, Ordering::Relaxed);
         if exchange.serving {
             shared.serving.fetch_sub(1, Ordering::Relaxed);
         }
@@ -836,7 +895,7 @@ impl Exchange<'_> {
                 ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 Some(ticker)
             }
-            Pace::Window(_) => None,
+            Pace::Window(_) | Pace::Idle => None,
         };
         let mut broadcast = match config.broadcast_every {
             Some(every) if self.id == 0 => {

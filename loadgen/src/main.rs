@@ -9,7 +9,14 @@
 //! loadgen --protocol ws --addr 127.0.0.1:8282 --connections 64 --window 16
 //! loadgen --protocol text --addr 127.0.0.1:8283 --connections 1000 --rate 20 \
 //!     --source 127.0.0.2 --source 127.0.0.3
+//! loadgen --protocol ws --addr 127.0.0.1:8282 --idle --connections 10000 --duration 30
 //! ```
+//!
+//! With `--idle`, a line `loadgen: all N clients connected` goes
+//! to stderr once every client is connected, so that a script can measure
+//! the server while they are held. SIGINT or SIGTERM ends a ws/text run
+//! early, as its duration would: the clients close and the report is
+//! printed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -19,6 +26,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use loadgen::echo::{EchoConfig, EchoReport, EchoRun, Pace};
 use loadgen::{LoadConfig, LoadReport, LoadRun};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 /// Load client that counts every failure by kind and never retries:
 /// keep-alive HTTP/1.1 requests, or WebSocket / text echo checking every
@@ -54,9 +63,17 @@ struct Args {
     #[arg(long, default_value_t = 10.0, value_parser = parse_secs)]
     timeout: f64,
     /// ws/text: keep this many messages unanswered per client [default: 16
-    /// unless --rate].
-    #[arg(long, conflicts_with = "rate")]
+    /// unless --rate or --idle].
+    #[arg(long, conflicts_with_all = ["rate", "idle"])]
     window: Option<usize>,
+    /// ws/text: connects (TCP and handshake) in progress at once; keep the
+    /// sum over every loadgen below the server's listen backlog.
+    #[arg(long, default_value_t = 512)]
+    connecting: usize,
+    /// ws/text: send nothing; hold the connections (answering pings) for the
+    /// duration, then close them.
+    #[arg(long, conflicts_with_all = ["rate", "messages", "broadcast_every"])]
+    idle: bool,
     /// ws/text: send this many messages per second per client instead.
     #[arg(long)]
     rate: Option<f64>,
@@ -120,12 +137,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     let protocol = match args.protocol {
         ProtocolArg::Http => {
             let echo_only = args.window.is_some()
+                || args.idle
                 || args.rate.is_some()
                 || args.messages.is_some()
                 || !args.sources.is_empty()
                 || args.broadcast_every.is_some();
             if echo_only {
-                bail!("--window, --rate, --messages, --source and --broadcast-every are for --protocol ws or text");
+                bail!("--window, --idle, --rate, --messages, --source and --broadcast-every are for --protocol ws or text");
             }
             return run_http(args);
         }
@@ -140,6 +158,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.path = args.path;
     config.duration = Duration::from_secs_f64(args.duration);
     config.pace = match (args.rate, args.window) {
+        _ if args.idle => Pace::Idle,
         (Some(rate), _) => Pace::Rate(rate),
         (None, window) => Pace::Window(window.unwrap_or(16)),
     };
@@ -148,9 +167,35 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.sources = args.sources;
     config.broadcast_every = args.broadcast_every.map(Duration::from_secs_f64);
     config.drain_timeout = Duration::from_secs_f64(args.timeout);
+    config.max_connecting = args.connecting;
     config.validate().context("invalid arguments")?;
 
-    let report = EchoRun::start(config).wait();
+    // Blocked before the run's threads start, so that they inherit the
+    // mask and the signals wait in the signalfd.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+        .thread_block()
+        .context("blocking SIGINT and SIGTERM")?;
+    let signalled = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .context("signalfd")?;
+    let clients = config.clients;
+    let run = EchoRun::start(config);
+    let mut announced = !args.idle;
+    let report = loop {
+        if run.is_finished() {
+            break run.wait();
+        }
+        if matches!(signalled.read_signal(), Ok(Some(_))) {
+            break run.stop();
+        }
+        if !announced && run.progress().connected >= clients {
+            eprintln!("loadgen: all {clients} clients connected");
+            announced = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     println!(
         "{}",
         serde_json::to_string(&report).context("serializing the report")?
@@ -229,6 +274,12 @@ fn echo_summary(report: &EchoReport) -> String {
         report.longest_gap_us,
         report.cpu_percent,
     );
+    if let Some(secs) = report.all_connected_secs {
+        line += &format!(
+            " connections_opened={} all_connected_after={secs:.2}s",
+            report.connections_opened
+        );
+    }
     if report.broadcasts_sent > 0 {
         line += &format!(
             " broadcasts={} received={} fanout_p50={}us fanout_p99={}us",

@@ -49,6 +49,11 @@ impl<R: Send + 'static> RunThread<R> {
         self.join()
     }
 
+    /// True once the run's thread has ended (or was joined).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Waits for the run to end by itself; a panic in it is re-raised here.
     pub(crate) fn join(&mut self) -> R {
         let thread = self.thread.take().expect("loadgen: run already joined");

@@ -17,6 +17,7 @@
 //! with 1001 "going away".
 
 mod hub;
+mod lazy_read;
 mod router;
 mod text;
 mod websocket;
@@ -69,6 +70,7 @@ pub async fn run(
         Err(error) => return crate::worker::report_failure(&mut writer, error).await,
     };
     let counters = Arc::new(counters);
+    let fd_limit = raise_fd_limit();
     let linked = Arc::new(AtomicUsize::new(0));
     let (inputs, hub_inputs) = mpsc::unbounded_channel();
     let hub = Hub::new(
@@ -105,7 +107,7 @@ pub async fn run(
         },
     )
     .await?;
-    tracing::info!(gateway = gateway.index, socket = %gateway.socket.display(), "gateway ready");
+    tracing::info!(gateway = gateway.index, socket = %gateway.socket.display(), fd_limit, "gateway ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     loop {
@@ -179,6 +181,22 @@ fn listen(gateway: &GatewaySpec, listener: OwnedFd) -> Result<(TcpListener, Unix
     std::fs::set_permissions(&gateway.socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict {}", gateway.socket.display()))?;
     Ok((clients, links))
+}
+
+/// Raises this process's open-files soft limit to its hard limit, as each
+/// client holds a descriptor; returns the limit in force. Past it, accepts
+/// fail ("Too many open files", counted in `accept_errors`) until clients
+/// leave: raise the hard limit (`ulimit -Hn`, systemd's `LimitNOFILE`) or
+/// run more gateways (`gateways = N`).
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
 }
 
 /// A number that differs between two starts of a gateway, so client ids of

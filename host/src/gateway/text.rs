@@ -7,18 +7,17 @@
 //! has no close frame.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use handler_api::MessageKind;
-use tokio::io::{
-    AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, BufWriter,
-};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
-use super::hub::{take_credit, ClientHandle, Input, Outbound, CLOSE_SLOW};
+use super::hub::{take_credit, ClientHandle, ClientShared, Input, Outbound, CLOSE_SLOW};
+use super::lazy_read::LazyRead;
 use super::Limits;
 use crate::protocol::link::Handshake;
 
@@ -30,9 +29,7 @@ pub async fn serve(
     limits: Arc<Limits>,
     hub: mpsc::UnboundedSender<Input>,
 ) {
-    let (outbound, messages) = mpsc::unbounded_channel();
-    let handle = ClientHandle::new(outbound);
-    let (pending, kill, credit) = handle.shared();
+    let (handle, shared) = ClientHandle::new();
     let connected = Input::Connected {
         key,
         peer: peer.to_string(),
@@ -43,24 +40,27 @@ pub async fn serve(
         return;
     }
     let code = tokio::select! {
-        code = converse(stream, key, &limits, &hub, messages, &pending, &credit) => code,
-        _ = kill.notified() => Some(CLOSE_SLOW),
+        code = converse(stream, key, &limits, &hub, &shared) => code,
+        _ = shared.kill.notified() => Some(CLOSE_SLOW),
     };
     let _ = hub.send(Input::Gone(key, code));
 }
 
+/// Most bytes gathered before a write while passing a burst on.
+const WRITE_CHUNK: usize = 64 << 10;
+
+/// No buffer is kept while the client is idle: reads go through a
+/// [`LazyRead`], and each burst of outgoing messages is gathered in a
+/// buffer that lives until it is written.
 async fn converse(
     stream: TcpStream,
     key: u64,
     limits: &Limits,
     hub: &mpsc::UnboundedSender<Input>,
-    mut messages: mpsc::UnboundedReceiver<Outbound>,
-    pending: &AtomicUsize,
-    credit: &Semaphore,
+    shared: &ClientShared,
 ) -> Option<u16> {
-    let (reader, writer) = stream.into_split();
-    let mut reader = BufReader::with_capacity(4 << 10, reader);
-    let mut writer = BufWriter::new(writer);
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = LazyRead::new(reader);
     let mut line = Vec::new();
     loop {
         tokio::select! {
@@ -73,7 +73,6 @@ async fn converse(
                     Ok(_) if line.last() != Some(&b'\n') => {
                         if line.len() > limits.max_line + 1 {
                             let _ = writer.write_all(b"error: line too long\n").await;
-                            let _ = writer.flush().await;
                             return Some(1009);
                         }
                     }
@@ -84,7 +83,6 @@ async fn converse(
                         }
                         if line.len() > limits.max_line {
                             let _ = writer.write_all(b"error: line too long\n").await;
-                            let _ = writer.flush().await;
                             return Some(1009);
                         }
                         let data = Bytes::from(std::mem::take(&mut line));
@@ -93,35 +91,39 @@ async fn converse(
                         } else {
                             MessageKind::Binary
                         };
-                        take_credit(credit).await;
+                        take_credit(&shared.credit).await;
                         let _ = hub.send(Input::Message(key, kind, data));
                     }
                 }
             }
-            outgoing = messages.recv() => {
+            outgoing = shared.recv() => {
                 let mut next = outgoing?;
+                let mut out = Vec::new();
                 loop {
                     match next {
                         Outbound::Message(_, data) => {
-                            pending.fetch_sub(data.len(), Ordering::Relaxed);
-                            if writer.write_all(&data).await.is_err()
-                                || writer.write_all(b"\n").await.is_err()
-                            {
-                                return None;
+                            shared.pending.fetch_sub(data.len(), Ordering::Relaxed);
+                            out.extend_from_slice(&data);
+                            out.push(b'\n');
+                            if out.len() >= WRITE_CHUNK {
+                                if writer.write_all(&out).await.is_err() {
+                                    return None;
+                                }
+                                out.clear();
                             }
                         }
                         Outbound::Close(code, _) => {
-                            let _ = writer.flush().await;
+                            let _ = writer.write_all(&out).await;
                             let _ = writer.shutdown().await;
                             return Some(code);
                         }
                     }
-                    match messages.try_recv() {
-                        Ok(more) => next = more,
-                        Err(_) => break,
+                    match shared.try_recv() {
+                        Some(more) => next = more,
+                        None => break,
                     }
                 }
-                if writer.flush().await.is_err() {
+                if writer.write_all(&out).await.is_err() {
                     return None;
                 }
             }

@@ -9,7 +9,7 @@
 //! tungstenite leaves to its caller.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,22 +18,29 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use handler_api::MessageKind;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{error::ProtocolError, Error, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use super::hub::{take_credit, ClientHandle, Input, Outbound, CLOSE_SLOW};
+use super::hub::{take_credit, ClientHandle, ClientShared, Input, Outbound, CLOSE_SLOW};
+use super::lazy_read::LazyRead;
 use super::Limits;
 use crate::protocol::link::Handshake;
 
 /// How long a client may take to complete its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// tungstenite's read buffer per connection (its default, 128 KiB, is far
-/// too much for a gateway holding many idle clients).
-const READ_BUFFER: usize = 4 << 10;
+/// tungstenite's read buffer per connection, allocated up front and kept
+/// (its default, 128 KiB, is far too much for a gateway holding many idle
+/// clients). Small: the socket is read through a [`LazyRead`], whose
+/// buffer exists only while it holds data, so one syscall still takes a
+/// whole burst and tungstenite copies it out in pieces of this size.
+const READ_BUFFER: usize = 256;
+
+/// The client's socket as tungstenite sees it.
+type Socket<'a> = LazyRead<&'a mut TcpStream>;
 
 /// Serves one client until it or the hub closes it.
 // The handshake callback's error type is tungstenite's.
@@ -53,9 +60,15 @@ pub async fn serve(
     let callback = |request: &Request, response: Response| {
         check_handshake(request, response, &limits, &mut handshake)
     };
+    // Boxed: the handshake's state is large and only lives until it is
+    // done, while this task's own state lives as long as the connection.
     let accepted = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_hdr_async_with_config(&mut stream, callback, Some(config)),
+        Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
+            LazyRead::new(&mut stream),
+            callback,
+            Some(config),
+        )),
     )
     .await;
     let ws = match accepted {
@@ -66,9 +79,7 @@ pub async fn serve(
         }
         _ => return,
     };
-    let (outbound, messages) = mpsc::unbounded_channel();
-    let handle = ClientHandle::new(outbound);
-    let (pending, kill, credit) = handle.shared();
+    let (handle, shared) = ClientHandle::new();
     if hub
         .send(Input::Connected {
             key,
@@ -81,8 +92,8 @@ pub async fn serve(
         return;
     }
     let code = tokio::select! {
-        code = converse(ws, key, &limits, &hub, messages, &pending, &credit) => code,
-        _ = kill.notified() => Some(CLOSE_SLOW),
+        code = converse(ws, key, &limits, &hub, &shared) => code,
+        _ = shared.kill.notified() => Some(CLOSE_SLOW),
     };
     let _ = hub.send(Input::Gone(key, code));
 }
@@ -152,13 +163,11 @@ async fn refuse(stream: &mut TcpStream, error: &ProtocolError) {
 /// The connection's life after the handshake; returns the close code
 /// sent or received (`None` when it just ended).
 async fn converse(
-    mut ws: WebSocketStream<&mut TcpStream>,
+    mut ws: WebSocketStream<Socket<'_>>,
     key: u64,
     limits: &Limits,
     hub: &mpsc::UnboundedSender<Input>,
-    mut messages: mpsc::UnboundedReceiver<Outbound>,
-    pending: &AtomicUsize,
-    credit: &Semaphore,
+    shared: &ClientShared,
 ) -> Option<u16> {
     let mut heartbeat = tokio::time::interval(limits.ping_interval);
     heartbeat.reset();
@@ -171,11 +180,11 @@ async fn converse(
                 missed = 0;
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
-                        take_credit(credit).await;
+                        take_credit(&shared.credit).await;
                         let _ = hub.send(Input::Message(key, MessageKind::Text, Bytes::from(text)));
                     }
                     Some(Ok(Message::Binary(data))) => {
-                        take_credit(credit).await;
+                        take_credit(&shared.credit).await;
                         let _ = hub.send(Input::Message(key, MessageKind::Binary, data));
                     }
                     Some(Ok(Message::Close(frame))) => {
@@ -188,12 +197,12 @@ async fn converse(
                     None => return None,
                 }
             }
-            outgoing = messages.recv() => {
+            outgoing = shared.recv() => {
                 let mut next = outgoing?;
                 loop {
                     match next {
                         Outbound::Message(kind, data) => {
-                            pending.fetch_sub(data.len(), Ordering::Relaxed);
+                            shared.pending.fetch_sub(data.len(), Ordering::Relaxed);
                             if ws.feed(frame(kind, data)).await.is_err() {
                                 return None;
                             }
@@ -202,9 +211,9 @@ async fn converse(
                             return close(&mut ws, code, &reason).await;
                         }
                     }
-                    match messages.try_recv() {
-                        Ok(more) => next = more,
-                        Err(_) => break,
+                    match shared.try_recv() {
+                        Some(more) => next = more,
+                        None => break,
                     }
                 }
                 if ws.flush().await.is_err() {
@@ -238,7 +247,7 @@ fn frame(kind: MessageKind, data: Bytes) -> Message {
 }
 
 /// Sends a close frame and waits briefly for the client's.
-async fn close(ws: &mut WebSocketStream<&mut TcpStream>, code: u16, reason: &str) -> Option<u16> {
+async fn close(ws: &mut WebSocketStream<Socket<'_>>, code: u16, reason: &str) -> Option<u16> {
     // A close frame's reason is at most 123 bytes.
     let mut end = reason.len().min(120);
     while !reason.is_char_boundary(end) {
@@ -258,7 +267,7 @@ async fn close(ws: &mut WebSocketStream<&mut TcpStream>, code: u16, reason: &str
 }
 
 /// Closes with the code that names what the client did wrong.
-async fn fail(ws: &mut WebSocketStream<&mut TcpStream>, error: &Error) -> Option<u16> {
+async fn fail(ws: &mut WebSocketStream<Socket<'_>>, error: &Error) -> Option<u16> {
     let code = match error {
         Error::Capacity(_) => 1009,
         Error::Utf8(_) => 1007,
