@@ -34,14 +34,6 @@ const COUNT_SOCKETS: &str = r#"
 })();
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A gateway group `chat` on `port` and an HTTP group `web` serving the
 /// page, which connects to the chat; both run `handler`.
 fn chat_config(handler: &std::path::Path, port: u16) -> String {

@@ -28,14 +28,6 @@ fn deployed_hash(output: &str) -> String {
         .to_owned()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn config_on_port(handler: &std::path::Path, port: u16, extra: &str) -> String {
     format!(
         "run_dir = \"run\"\n\n[[group]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\ncount = 1\nhandler = {:?}\n{extra}\n",

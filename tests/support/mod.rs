@@ -842,3 +842,13 @@ impl Drop for KillOnDrop<'_> {
         }
     }
 }
+
+/// A port on 127.0.0.1 that was free a moment ago (bound, then released),
+/// for a config that must name its port before the host binds it.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
