@@ -15,6 +15,7 @@ use bytes::Bytes;
 use handler_api::{ClientId, MessageKind};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
+use super::fast_hash::{NumMap, NumSet};
 use super::router::{ClientKey, LinkId, Router};
 use crate::counters::SharedCounters;
 use crate::protocol::link::{
@@ -184,7 +185,8 @@ pub enum Input {
 
 struct Client {
     handle: ClientHandle,
-    peer: String,
+    /// Its address, as events carry it (UTF-8).
+    peer: Bytes,
     session: Bytes,
     /// Sets that allocate nothing while empty, half a `HashSet`'s size:
     /// most clients have none or a few.
@@ -201,14 +203,14 @@ pub struct Hub {
     gateway: u32,
     nonce: u32,
     max_outbound: usize,
-    clients: HashMap<ClientKey, Client>,
-    uids: HashMap<String, HashSet<ClientKey>>,
-    groups: HashMap<String, HashSet<ClientKey>>,
-    router: Router<Box<Event>>,
-    links: HashMap<LinkId, mpsc::UnboundedSender<Vec<u8>>>,
+    clients: NumMap<ClientKey, Client>,
+    uids: HashMap<String, NumSet<ClientKey>>,
+    groups: HashMap<String, NumSet<ClientKey>>,
+    router: Router<Event>,
+    links: NumMap<LinkId, mpsc::UnboundedSender<Vec<u8>>>,
     /// Frames to write per link this round.
-    frames: HashMap<LinkId, Vec<u8>>,
-    routed: Vec<(LinkId, Box<Event>)>,
+    frames: NumMap<LinkId, Vec<u8>>,
+    routed: Vec<(LinkId, Event)>,
     counters: Arc<SharedCounters>,
 }
 
@@ -225,12 +227,12 @@ impl Hub {
             gateway,
             nonce,
             max_outbound,
-            clients: HashMap::new(),
+            clients: NumMap::default(),
             uids: HashMap::new(),
             groups: HashMap::new(),
             router: Router::new(max_queued),
-            links: HashMap::new(),
-            frames: HashMap::new(),
+            links: NumMap::default(),
+            frames: NumMap::default(),
             routed: Vec::new(),
             counters,
         }
@@ -272,7 +274,7 @@ impl Hub {
                     key,
                     Client {
                         handle,
-                        peer,
+                        peer: Bytes::from(peer),
                         session: Bytes::new(),
                         uids: BTreeSet::new(),
                         groups: BTreeSet::new(),
@@ -333,7 +335,7 @@ impl Hub {
                     .clients
                     .iter()
                     .map(|(key, c)| ConnectionInfo {
-                        peer: c.peer.clone(),
+                        peer: String::from_utf8_lossy(&c.peer).into_owned(),
                         state: describe(self.id(*key), c),
                         requests: c.messages_in,
                         age_secs: c.connected.elapsed().as_secs_f64(),
@@ -365,16 +367,16 @@ impl Hub {
         let Some(client) = self.clients.get_mut(&key) else {
             return;
         };
-        let event = Box::new(Event {
+        let event = Event {
             kind,
             client: id,
             seq: client.next_seq,
             session: client.session.clone(),
-            peer: Bytes::copy_from_slice(client.peer.as_bytes()),
+            peer: client.peer.clone(),
             message_kind,
             data,
             handshake: handshake.map(Box::new),
-        });
+        };
         client.next_seq += 1;
         let close = kind == EventKind::Close;
         if self
@@ -395,7 +397,7 @@ impl Hub {
     fn deliver_routed(&mut self) {
         for (link, event) in self.routed.drain(..) {
             let frames = self.frames.entry(link).or_default();
-            ToBusiness::Event(event).encode(frames);
+            event.encode(frames);
         }
     }
 
@@ -524,7 +526,7 @@ impl Hub {
     }
 
     fn query(&self, query: Query) -> Answer {
-        let sorted = |keys: Option<&HashSet<ClientKey>>| {
+        let sorted = |keys: Option<&NumSet<ClientKey>>| {
             let mut ids: Vec<ClientId> = keys
                 .into_iter()
                 .flatten()
@@ -638,7 +640,7 @@ enum Membership {
     Group,
 }
 
-fn remove_member(index: &mut HashMap<String, HashSet<ClientKey>>, name: &str, key: ClientKey) {
+fn remove_member(index: &mut HashMap<String, NumSet<ClientKey>>, name: &str, key: ClientKey) {
     if let Some(members) = index.get_mut(name) {
         members.remove(&key);
         if members.is_empty() {

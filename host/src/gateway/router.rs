@@ -15,7 +15,9 @@
 //! - A link that ends with events unacknowledged (its worker was killed)
 //!   loses them: counted, and its clients are rebound, not disconnected.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use super::fast_hash::NumMap;
 
 /// A link to a business worker, numbered by the gateway.
 pub type LinkId = u64;
@@ -56,7 +58,7 @@ impl<E> Default for Route<E> {
 /// The routing of one gateway's client events to its business links.
 pub struct Router<E> {
     links: BTreeMap<LinkId, Link>,
-    routes: HashMap<ClientKey, Route<E>>,
+    routes: NumMap<ClientKey, Route<E>>,
     /// Clients whose queue waits for any ready link.
     waiting: VecDeque<ClientKey>,
     queued: usize,
@@ -69,7 +71,7 @@ impl<E> Router<E> {
     pub fn new(max_queued: usize) -> Self {
         Router {
             links: BTreeMap::new(),
-            routes: HashMap::new(),
+            routes: NumMap::default(),
             waiting: VecDeque::new(),
             queued: 0,
             max_queued,
@@ -265,6 +267,7 @@ impl<E> Router<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     type Out = Vec<(LinkId, &'static str)>;
 

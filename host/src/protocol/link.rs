@@ -381,32 +381,43 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+impl Event {
+    /// Appends this event as a [`ToBusiness::Event`] frame (without
+    /// boxing it first).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        frame(out, |e| event_body(e, self));
+    }
+}
+
+/// Writes an event's frame body.
+fn event_body(e: &mut Encoder<'_>, event: &Event) {
+    let kind = match event.kind {
+        EventKind::Connect => 0,
+        EventKind::Message => 1,
+        EventKind::Close => 2,
+    };
+    e.u8(kind)
+        .id(event.client)
+        .u64(event.seq)
+        .bytes(&event.session)
+        .bytes(&event.peer)
+        .kind(event.message_kind)
+        .bytes(&event.data);
+    if let Some(handshake) = &event.handshake {
+        e.bytes(handshake.path.as_bytes())
+            .bytes(handshake.subprotocol.as_bytes())
+            .u32(handshake.headers.len() as u32);
+        for (name, value) in &handshake.headers {
+            e.bytes(name.as_bytes()).bytes(value);
+        }
+    }
+}
+
 impl ToBusiness {
     /// Appends this message as a frame.
     pub fn encode(&self, out: &mut Vec<u8>) {
         frame(out, |e| match self {
-            ToBusiness::Event(event) => {
-                let kind = match event.kind {
-                    EventKind::Connect => 0,
-                    EventKind::Message => 1,
-                    EventKind::Close => 2,
-                };
-                e.u8(kind)
-                    .id(event.client)
-                    .u64(event.seq)
-                    .bytes(&event.session)
-                    .bytes(&event.peer)
-                    .kind(event.message_kind)
-                    .bytes(&event.data);
-                if let Some(handshake) = &event.handshake {
-                    e.bytes(handshake.path.as_bytes())
-                        .bytes(handshake.subprotocol.as_bytes())
-                        .u32(handshake.headers.len() as u32);
-                    for (name, value) in &handshake.headers {
-                        e.bytes(name.as_bytes()).bytes(value);
-                    }
-                }
-            }
+            ToBusiness::Event(event) => event_body(e, event),
             ToBusiness::Retired => {
                 e.u8(4);
             }
