@@ -19,7 +19,7 @@ use super::fast_hash::{NumMap, NumSet};
 use super::router::{ClientKey, LinkId, Router};
 use crate::counters::SharedCounters;
 use crate::protocol::link::{
-    Answer, Event, EventKind, FromBusiness, Handshake, Query, Target, ToBusiness,
+    Answer, Event, EventKind, FromBusiness, Handshake, OutboxSender, Query, Target, ToBusiness,
 };
 use crate::protocol::worker::ConnectionInfo;
 
@@ -172,7 +172,7 @@ pub enum Input {
     /// A client's connection ended, with the close code it got or gave.
     Gone(ClientKey, Option<u16>),
     /// A business worker connected; frames for it go to `writer`.
-    LinkUp(LinkId, mpsc::UnboundedSender<Vec<u8>>),
+    LinkUp(LinkId, OutboxSender),
     /// A business worker sent a frame.
     Link(LinkId, FromBusiness),
     /// A business worker's link ended.
@@ -207,8 +207,8 @@ pub struct Hub {
     uids: HashMap<String, NumSet<ClientKey>>,
     groups: HashMap<String, NumSet<ClientKey>>,
     router: Router<Event>,
-    links: NumMap<LinkId, mpsc::UnboundedSender<Vec<u8>>>,
-    /// Frames to write per link this round.
+    links: NumMap<LinkId, OutboxSender>,
+    /// Frames to write per link this round (each buffer is kept and reused).
     frames: NumMap<LinkId, Vec<u8>>,
     routed: Vec<(LinkId, Event)>,
     counters: Arc<SharedCounters>,
@@ -408,14 +408,14 @@ impl Hub {
 
     /// Hands this round's frames to the link writers.
     fn write_frames(&mut self) {
-        for (link, frames) in self.frames.drain() {
-            if frames.is_empty() {
-                continue;
+        let links = &self.links;
+        self.frames.retain(|link, frames| match links.get(link) {
+            Some(writer) => {
+                writer.send(frames);
+                true
             }
-            if let Some(writer) = self.links.get(&link) {
-                let _ = writer.send(frames);
-            }
-        }
+            None => false,
+        });
     }
 
     fn gone(&mut self, key: ClientKey, code: Option<u16>) {
@@ -555,7 +555,13 @@ impl Hub {
 
     fn send(&mut self, target: Target, kind: MessageKind, data: Bytes) {
         let keys: Vec<ClientKey> = match target {
-            Target::Client(id) => self.key(id).into_iter().collect(),
+            // The common case, without a list.
+            Target::Client(id) => {
+                if let Some(key) = self.key(id) {
+                    self.send_one(key, kind, data);
+                }
+                return;
+            }
             Target::All { include, exclude } => {
                 let exclude: HashSet<ClientKey> =
                     exclude.into_iter().filter_map(|id| self.key(id)).collect();

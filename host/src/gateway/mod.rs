@@ -259,12 +259,12 @@ async fn accept_links(
         let link = next_link;
         next_link += 1;
         let (mut reader, writer) = stream.into_split();
-        let (frames, outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (frames, outgoing) = crate::protocol::link::Outbox::new();
         if inputs.send(Input::LinkUp(link, frames)).is_err() {
             return;
         }
         linked.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(crate::protocol::link::write_frames(writer, outgoing));
+        tokio::spawn(crate::protocol::link::write_outbox(writer, outgoing));
         let (inputs, linked) = (inputs.clone(), linked.clone());
         tokio::spawn(async move {
             let mut reader = FrameReader::new(&mut reader);

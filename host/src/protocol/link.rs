@@ -332,6 +332,103 @@ pub async fn write_frames(
     let _ = writer.shutdown().await;
 }
 
+/// Frames on their way to one end of a link: the task that encodes them
+/// and the task that writes them trade two buffers instead of sending a
+/// fresh one per batch (nothing is allocated once both have grown to the
+/// load's batch size).
+pub struct Outbox {
+    buffer: std::sync::Mutex<Vec<u8>>,
+    wake: tokio::sync::Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// The encoding side of an [`Outbox`]; dropping it ends the writer once
+/// everything handed over is written.
+pub struct OutboxSender(std::sync::Arc<Outbox>);
+
+/// Most capacity a writer keeps between writes.
+const OUTBOX_KEEP: usize = 1 << 20;
+
+impl Outbox {
+    /// A new outbox: the sender, and what [`write_outbox`] takes.
+    pub fn new() -> (OutboxSender, std::sync::Arc<Outbox>) {
+        let outbox = std::sync::Arc::new(Outbox {
+            buffer: std::sync::Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        (OutboxSender(outbox.clone()), outbox)
+    }
+
+    fn buffer(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.buffer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl OutboxSender {
+    /// Hands `frames` over to the writer; `frames` comes back empty (with
+    /// the capacity of a buffer the writer is done with, when it can).
+    pub fn send(&self, frames: &mut Vec<u8>) {
+        if frames.is_empty() {
+            return;
+        }
+        {
+            let mut buffer = self.0.buffer();
+            if buffer.is_empty() {
+                std::mem::swap(&mut *buffer, frames);
+            } else {
+                buffer.extend_from_slice(frames);
+                frames.clear();
+            }
+        }
+        self.0.wake.notify_one();
+    }
+}
+
+impl Drop for OutboxSender {
+    fn drop(&mut self) {
+        self.0
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.wake.notify_one();
+    }
+}
+
+/// Writes what `outbox` is handed to one end of a link, everything waiting
+/// in one write, until its sender is dropped (then shuts the stream down)
+/// or the stream fails.
+pub async fn write_outbox(
+    mut writer: impl tokio::io::AsyncWrite + Unpin,
+    outbox: std::sync::Arc<Outbox>,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut own = Vec::new();
+    loop {
+        let closed = {
+            let mut buffer = outbox.buffer();
+            std::mem::swap(&mut *buffer, &mut own);
+            own.is_empty() && outbox.closed.load(std::sync::atomic::Ordering::Acquire)
+        };
+        if closed {
+            break;
+        }
+        if own.is_empty() {
+            outbox.wake.notified().await;
+            continue;
+        }
+        if writer.write_all(&own).await.is_err() {
+            return;
+        }
+        own.clear();
+        if own.capacity() > OUTBOX_KEEP {
+            own.shrink_to(OUTBOX_KEEP);
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
 /// Reads frames from one end of a link into one buffer, handing out each
 /// frame's body without copying it (a frame is a slice of the buffer; the
 /// buffer's space is reused once the frames read from it are dropped).
