@@ -169,6 +169,8 @@ pub enum Input {
     },
     /// A client sent a message.
     Message(ClientKey, MessageKind, Bytes),
+    /// A client sent these messages (in this order) in one burst.
+    Messages(ClientKey, Vec<(MessageKind, Bytes)>),
     /// A client's connection ended, with the close code it got or gave.
     Gone(ClientKey, Option<u16>),
     /// A business worker connected; frames for it go to `writer`.
@@ -293,15 +295,10 @@ impl Hub {
                     Some(handshake),
                 );
             }
-            Input::Message(key, kind, data) => {
-                if let Some(client) = self.clients.get_mut(&key) {
-                    client.messages_in += 1;
-                    self.counters.requests.fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .gateway
-                        .messages_in
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.route(key, EventKind::Message, kind, data, None);
+            Input::Message(key, kind, data) => self.message(key, kind, data),
+            Input::Messages(key, messages) => {
+                for (kind, data) in messages {
+                    self.message(key, kind, data);
                 }
             }
             Input::Gone(key, code) => self.gone(key, code),
@@ -353,6 +350,18 @@ impl Hub {
         self.counters
             .in_flight
             .store(self.router.queued() as u64, Ordering::Relaxed);
+    }
+
+    fn message(&mut self, key: ClientKey, kind: MessageKind, data: Bytes) {
+        if let Some(client) = self.clients.get_mut(&key) {
+            client.messages_in += 1;
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .gateway
+                .messages_in
+                .fetch_add(1, Ordering::Relaxed);
+            self.route(key, EventKind::Message, kind, data, None);
+        }
     }
 
     fn route(

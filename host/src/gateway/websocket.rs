@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use handler_api::MessageKind;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -178,24 +178,50 @@ async fn converse(
             incoming = ws.next() => {
                 last_heard = Instant::now();
                 missed = 0;
-                match incoming {
-                    Some(Ok(Message::Text(text))) => {
-                        take_credit(&shared.credit).await;
-                        let _ = hub.send(Input::Message(key, MessageKind::Text, Bytes::from(text)));
+                // Everything this read brought goes to the hub as one input.
+                let mut burst = Burst::default();
+                let mut incoming = incoming;
+                loop {
+                    let message = match incoming {
+                        Some(Ok(Message::Text(text))) => Some((MessageKind::Text, Bytes::from(text))),
+                        Some(Ok(Message::Binary(data))) => Some((MessageKind::Binary, data)),
+                        Some(Ok(Message::Close(frame))) => {
+                            burst.pass_on(key, hub);
+                            // tungstenite queued the reply; send it.
+                            let _ = ws.close(None).await;
+                            return Some(frame.map_or(1005, |f| u16::from(f.code)));
+                        }
+                        // Pings and pongs: tungstenite answered.
+                        Some(Ok(_)) => None,
+                        Some(Err(error)) => {
+                            burst.pass_on(key, hub);
+                            return fail(&mut ws, &error).await;
+                        }
+                        None => {
+                            burst.pass_on(key, hub);
+                            return None;
+                        }
+                    };
+                    if let Some((kind, data)) = message {
+                        match shared.credit.try_acquire() {
+                            Ok(permit) => permit.forget(),
+                            Err(_) => {
+                                // Out of credit: what is taken goes first.
+                                burst.pass_on(key, hub);
+                                take_credit(&shared.credit).await;
+                            }
+                        }
+                        burst.push(kind, data);
+                        if burst.len() >= MAX_BURST {
+                            break;
+                        }
                     }
-                    Some(Ok(Message::Binary(data))) => {
-                        take_credit(&shared.credit).await;
-                        let _ = hub.send(Input::Message(key, MessageKind::Binary, data));
+                    match ws.next().now_or_never() {
+                        Some(next) => incoming = next,
+                        None => break,
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        // tungstenite queued the reply; send it.
-                        let _ = ws.close(None).await;
-                        return Some(frame.map_or(1005, |f| u16::from(f.code)));
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(error)) => return fail(&mut ws, &error).await,
-                    None => return None,
                 }
+                burst.pass_on(key, hub);
             }
             outgoing = shared.recv() => {
                 let mut next = outgoing?;
@@ -232,6 +258,44 @@ async fn converse(
                     return None;
                 }
             }
+        }
+    }
+}
+
+/// Most messages of one client passed on to the hub as one input.
+const MAX_BURST: usize = 64;
+
+/// Messages of one client read in one go, for the hub: one input (and no
+/// list allocated) for a single message.
+#[derive(Default)]
+struct Burst {
+    first: Option<(MessageKind, Bytes)>,
+    more: Vec<(MessageKind, Bytes)>,
+}
+
+impl Burst {
+    fn push(&mut self, kind: MessageKind, data: Bytes) {
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some((kind, data));
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.more.reserve(8);
+            self.more.push(first);
+        }
+        self.more.push((kind, data));
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    /// Sends what was read to the hub, oldest first, and empties this.
+    fn pass_on(&mut self, key: u64, hub: &mpsc::UnboundedSender<Input>) {
+        if let Some((kind, data)) = self.first.take() {
+            let _ = hub.send(Input::Message(key, kind, data));
+        } else if !self.more.is_empty() {
+            let _ = hub.send(Input::Messages(key, std::mem::take(&mut self.more)));
         }
     }
 }
