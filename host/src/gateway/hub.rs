@@ -177,6 +177,8 @@ pub enum Input {
     LinkUp(LinkId, OutboxSender),
     /// A business worker sent a frame.
     Link(LinkId, FromBusiness),
+    /// A business worker sent these frames (in this order), read in one go.
+    Links(LinkId, Vec<FromBusiness>),
     /// A business worker's link ended.
     LinkDown(LinkId),
     /// The master asks for the client list.
@@ -307,6 +309,11 @@ impl Hub {
                 self.router.link_up(link);
             }
             Input::Link(link, message) => self.on_link_message(link, message),
+            Input::Links(link, messages) => {
+                for message in messages {
+                    self.on_link_message(link, message);
+                }
+            }
             Input::LinkDown(link) => {
                 self.links.remove(&link);
                 self.frames.remove(&link);

@@ -248,6 +248,9 @@ async fn accept_clients(
     }
 }
 
+/// Most frames of one link passed on to the hub as one input.
+const MAX_LINK_BURST: usize = 256;
+
 /// Accepts business workers; `linked` counts their links.
 async fn accept_links(
     listener: UnixListener,
@@ -269,23 +272,52 @@ async fn accept_links(
         tokio::spawn(async move {
             let mut reader = FrameReader::new(&mut reader);
             loop {
-                match reader.next().await {
-                    Ok(Some(frame)) => match FromBusiness::decode(&frame) {
-                        Ok(message) => {
-                            if inputs.send(Input::Link(link, message)).is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!("bad frame from a business worker: {e:#}");
-                            break;
-                        }
-                    },
+                let frame = match reader.next().await {
+                    Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!("business link ended: {e:#}");
                         break;
                     }
+                };
+                // The frames this read brought whole go to the hub as one
+                // input (a single one without a list).
+                let first = match FromBusiness::decode(&frame) {
+                    Ok(message) => message,
+                    Err(e) => {
+                        tracing::warn!("bad frame from a business worker: {e:#}");
+                        break;
+                    }
+                };
+                drop(frame);
+                let mut more = Vec::new();
+                let mut failed = false;
+                while more.len() < MAX_LINK_BURST {
+                    match reader.try_next() {
+                        Ok(Some(frame)) => match FromBusiness::decode(&frame) {
+                            Ok(message) => more.push(message),
+                            Err(e) => {
+                                tracing::warn!("bad frame from a business worker: {e:#}");
+                                failed = true;
+                                break;
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!("business link ended: {e:#}");
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                let input = if more.is_empty() {
+                    Input::Link(link, first)
+                } else {
+                    more.insert(0, first);
+                    Input::Links(link, more)
+                };
+                if inputs.send(input).is_err() || failed {
+                    break;
                 }
             }
             let _ = inputs.send(Input::LinkDown(link));

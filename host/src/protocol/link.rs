@@ -449,22 +449,34 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next frame's body if it was already read whole, without
+    /// reading; `Err` with how many bytes it takes otherwise.
+    fn buffered(&mut self) -> Result<std::result::Result<Bytes, usize>> {
+        let Some(head) = self.buffer.get(..4) else {
+            return Ok(Err(4));
+        };
+        let length = u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize;
+        if length > MAX_FRAME {
+            bail!("a link frame of {length} bytes is over the limit");
+        }
+        if self.buffer.len() < 4 + length {
+            return Ok(Err(4 + length));
+        }
+        self.buffer.advance(4);
+        Ok(Ok(self.buffer.split_to(length).freeze()))
+    }
+
+    /// The next frame's body if the last read brought it whole (no read).
+    pub fn try_next(&mut self) -> Result<Option<Bytes>> {
+        Ok(self.buffered()?.ok())
+    }
+
     /// The next frame's body; `None` at a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<Bytes>> {
         loop {
-            let wanted = match self.buffer.get(..4) {
-                Some(head) => {
-                    let length = u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize;
-                    if length > MAX_FRAME {
-                        bail!("a link frame of {length} bytes is over the limit");
-                    }
-                    if self.buffer.len() >= 4 + length {
-                        self.buffer.advance(4);
-                        return Ok(Some(self.buffer.split_to(length).freeze()));
-                    }
-                    4 + length
-                }
-                None => 4,
+            let wanted = match self.buffered()? {
+                Ok(frame) => return Ok(Some(frame)),
+                Err(wanted) => wanted,
             };
             self.buffer
                 .reserve((wanted - self.buffer.len()).max(READ_CHUNK));
