@@ -7,13 +7,16 @@
 //! frames in one buffer (one syscall carries many events under load).
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Instant;
 
+use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use handler_api::{ClientId, MessageKind};
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::fast_hash::{NumMap, NumSet};
 use super::router::{ClientKey, LinkId, Router};
@@ -59,14 +62,17 @@ pub async fn take_credit(credit: &Semaphore) {
 pub struct ClientShared {
     /// Messages and closes for the connection task, oldest first.
     outbound: Mutex<VecDeque<Outbound>>,
-    /// Wakes the connection task: something was queued, or the hub let go.
-    wake: Notify,
+    /// Wakes the connection task: something was queued, the hub let go,
+    /// or the connection is to end. (Cheaper to wait on than a `Notify`,
+    /// whose waiter list takes a lock on each poll: the task waits here
+    /// again after every message it reads.)
+    waker: AtomicWaker,
     /// The hub dropped its [`ClientHandle`]: nothing more will be queued.
     hub_gone: AtomicBool,
+    /// End the connection at once (a client that does not read).
+    killed: AtomicBool,
     /// Bytes queued in `outbound` and not yet written.
     pub pending: AtomicUsize,
-    /// Ends the connection at once (a client that does not read).
-    pub kill: Notify,
     /// Taken by the connection task for each message it passes on, given
     /// back when an event of the client is done with ([`MESSAGE_CREDIT`]).
     pub credit: Semaphore,
@@ -78,17 +84,36 @@ const KEEP_SLOTS: usize = 16;
 impl ClientShared {
     /// The next message or close for the connection, waiting for one;
     /// `None` once the hub let go and nothing is left. Cancel-safe.
-    pub async fn recv(&self) -> Option<Outbound> {
-        loop {
+    pub fn recv(&self) -> impl Future<Output = Option<Outbound>> + '_ {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
             if let Some(next) = self.try_recv() {
-                return Some(next);
+                return Poll::Ready(Some(next));
             }
             if self.hub_gone.load(Ordering::Acquire) {
                 // Queued before the hub let go?
-                return self.try_recv();
+                return Poll::Ready(self.try_recv());
             }
-            self.wake.notified().await;
-        }
+            Poll::Pending
+        })
+    }
+
+    /// Waits until the hub ends the connection (see [`ClientShared::kill`]).
+    pub fn killed(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if self.killed.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Ends the connection at once, whatever its task is waiting for.
+    fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// The next message or close already queued.
@@ -118,10 +143,10 @@ impl ClientHandle {
     pub fn new() -> (ClientHandle, Arc<ClientShared>) {
         let shared = Arc::new(ClientShared {
             outbound: Mutex::new(VecDeque::new()),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
             hub_gone: AtomicBool::new(false),
+            killed: AtomicBool::new(false),
             pending: AtomicUsize::new(0),
-            kill: Notify::new(),
             credit: Semaphore::new(MESSAGE_CREDIT),
         });
         (
@@ -135,7 +160,7 @@ impl ClientHandle {
     /// Queues a message or close for the connection task.
     fn send(&self, outbound: Outbound) {
         lock(&self.shared.outbound).push_back(outbound);
-        self.shared.wake.notify_one();
+        self.shared.waker.wake();
     }
 }
 
@@ -150,7 +175,7 @@ impl std::ops::Deref for ClientHandle {
 impl Drop for ClientHandle {
     fn drop(&mut self) {
         self.shared.hub_gone.store(true, Ordering::Release);
-        self.shared.wake.notify_one();
+        self.shared.waker.wake();
     }
 }
 
@@ -629,7 +654,7 @@ impl Hub {
                 .gateway
                 .slow_closes
                 .fetch_add(1, Ordering::Relaxed);
-            client.handle.kill.notify_one();
+            client.handle.kill();
             if let Some(client) = self.clients.get_mut(&key) {
                 client.closing = true;
             }

@@ -41,7 +41,7 @@ pub async fn serve(
     }
     let code = tokio::select! {
         code = converse(stream, key, &limits, &hub, &shared) => code,
-        _ = shared.kill.notified() => Some(CLOSE_SLOW),
+        () = shared.killed() => Some(CLOSE_SLOW),
     };
     let _ = hub.send(Input::Gone(key, code));
 }
