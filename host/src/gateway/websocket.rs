@@ -178,50 +178,24 @@ async fn converse(
             incoming = ws.next() => {
                 last_heard = Instant::now();
                 missed = 0;
-                // Everything this read brought goes to the hub as one input.
-                let mut burst = Burst::default();
-                let mut incoming = incoming;
-                loop {
-                    let message = match incoming {
-                        Some(Ok(Message::Text(text))) => Some((MessageKind::Text, Bytes::from(text))),
-                        Some(Ok(Message::Binary(data))) => Some((MessageKind::Binary, data)),
-                        Some(Ok(Message::Close(frame))) => {
-                            burst.pass_on(key, hub);
-                            // tungstenite queued the reply; send it.
-                            let _ = ws.close(None).await;
-                            return Some(frame.map_or(1005, |f| u16::from(f.code)));
-                        }
-                        // Pings and pongs: tungstenite answered.
-                        Some(Ok(_)) => None,
-                        Some(Err(error)) => {
-                            burst.pass_on(key, hub);
-                            return fail(&mut ws, &error).await;
-                        }
-                        None => {
-                            burst.pass_on(key, hub);
-                            return None;
-                        }
-                    };
-                    if let Some((kind, data)) = message {
-                        match shared.credit.try_acquire() {
-                            Ok(permit) => permit.forget(),
-                            Err(_) => {
-                                // Out of credit: what is taken goes first.
-                                burst.pass_on(key, hub);
-                                take_credit(&shared.credit).await;
-                            }
-                        }
-                        burst.push(kind, data);
-                        if burst.len() >= MAX_BURST {
-                            break;
-                        }
-                    }
-                    match ws.next().now_or_never() {
-                        Some(next) => incoming = next,
-                        None => break,
-                    }
+                // Everything this read brought goes to the hub as one input
+                // (read by a plain function: nothing of it is kept across
+                // an await, so the task stays as small as before).
+                let (waiting, end) = read_burst(&mut ws, incoming, key, hub, shared);
+                if let Some((kind, data)) = waiting {
+                    take_credit(&shared.credit).await;
+                    let _ = hub.send(Input::Message(key, kind, data));
                 }
-                burst.pass_on(key, hub);
+                match end {
+                    None => {}
+                    Some(End::Closed(code)) => {
+                        // tungstenite queued the reply; send it.
+                        let _ = ws.close(None).await;
+                        return Some(code);
+                    }
+                    Some(End::Failed(error)) => return fail(&mut ws, &error).await,
+                    Some(End::Gone) => return None,
+                }
             }
             outgoing = shared.recv() => {
                 let mut next = outgoing?;
@@ -260,6 +234,70 @@ async fn converse(
             }
         }
     }
+}
+
+/// How a client's connection ended while reading.
+enum End {
+    /// It sent a close frame with this code.
+    Closed(u16),
+    /// It broke the protocol.
+    Failed(Error),
+    /// It just went away.
+    Gone,
+}
+
+/// Passes on `incoming` and whatever else was already read, up to
+/// [`MAX_BURST`] messages, as one input. Returns a message that waits for
+/// credit (every earlier one was passed on), and how the connection ended
+/// if it did.
+fn read_burst(
+    ws: &mut WebSocketStream<Socket<'_>>,
+    incoming: Option<Result<Message, Error>>,
+    key: u64,
+    hub: &mpsc::UnboundedSender<Input>,
+    shared: &ClientShared,
+) -> (Option<(MessageKind, Bytes)>, Option<End>) {
+    let mut burst = Burst::default();
+    let mut next = Some(incoming);
+    let mut waiting = None;
+    let mut end = None;
+    while let Some(incoming) = next.take() {
+        let (kind, data) = match incoming {
+            Some(Ok(Message::Text(text))) => (MessageKind::Text, Bytes::from(text)),
+            Some(Ok(Message::Binary(data))) => (MessageKind::Binary, data),
+            Some(Ok(Message::Close(frame))) => {
+                end = Some(End::Closed(frame.map_or(1005, |f| u16::from(f.code))));
+                break;
+            }
+            Some(Err(error)) => {
+                end = Some(End::Failed(error));
+                break;
+            }
+            None => {
+                end = Some(End::Gone);
+                break;
+            }
+            // Pings and pongs: tungstenite answered.
+            Some(Ok(_)) => {
+                next = ws.next().now_or_never();
+                continue;
+            }
+        };
+        match shared.credit.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                // Out of credit: what is taken goes first.
+                waiting = Some((kind, data));
+                break;
+            }
+        }
+        burst.push(kind, data);
+        if burst.len() < MAX_BURST {
+            next = ws.next().now_or_never();
+        }
+    }
+    burst.pass_on(key, hub);
+    (waiting, end)
 }
 
 /// Most messages of one client passed on to the hub as one input.
