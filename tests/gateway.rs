@@ -90,6 +90,22 @@ fn text_clients_get_lines_back_and_long_lines_close_them() {
     assert_eq!(a.recv(), None);
     b.send("still here");
     assert_eq!(b.recv().as_deref(), Some("still here"));
+    // Many lines in one write come back each, in order; a line cut across
+    // writes comes back whole.
+    let burst: String = (0..300).map(|n| format!("n{n}\n")).collect();
+    b.send_raw(burst.as_bytes());
+    for n in 0..300 {
+        assert_eq!(b.recv(), Some(format!("n{n}")));
+    }
+    b.send_raw(b"spl");
+    b.send_raw(b"it\r");
+    b.send_raw(b"\n");
+    assert_eq!(b.recv().as_deref(), Some("split"));
+    // A line over the limit is refused before its newline comes.
+    b.send_raw(&[b'y'; 10]);
+    b.send_raw(&[b'y'; 10]);
+    assert_eq!(b.recv().as_deref(), Some("error: line too long"));
+    assert_eq!(b.recv(), None);
 }
 
 /// What a client of [`Flow`] saw.
@@ -744,7 +760,14 @@ fn clients_that_answer_no_ping_or_say_nothing_are_closed() {
         dir,
         &gateway_config(&handler, "text", 1, "idle_timeout = \"1s\""),
     );
+    let mut talking = TextClient::connect(host.addr);
     let mut silent = TextClient::connect(host.addr);
+    // One that talks more often than idle_timeout stays past it.
+    for n in 0..6 {
+        talking.send(&format!("t{n}"));
+        assert_eq!(talking.recv(), Some(format!("t{n}")));
+        std::thread::sleep(Duration::from_millis(400));
+    }
     assert_eq!(silent.recv(), None, "a silent text client is closed");
 }
 

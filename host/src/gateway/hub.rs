@@ -179,6 +179,44 @@ impl Drop for ClientHandle {
     }
 }
 
+/// Most messages of one client passed on to the hub as one input.
+pub const MAX_BURST: usize = 64;
+
+/// Messages of one client read in one go, for the hub: one input (and no
+/// list allocated) for a single message.
+#[derive(Default)]
+pub struct Burst {
+    first: Option<(MessageKind, Bytes)>,
+    more: Vec<(MessageKind, Bytes)>,
+}
+
+impl Burst {
+    pub fn push(&mut self, kind: MessageKind, data: Bytes) {
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some((kind, data));
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.more.reserve(8);
+            self.more.push(first);
+        }
+        self.more.push((kind, data));
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    /// Sends what was read to the hub, oldest first, and empties this.
+    pub fn pass_on(&mut self, key: u64, hub: &mpsc::UnboundedSender<Input>) {
+        if let Some((kind, data)) = self.first.take() {
+            let _ = hub.send(Input::Message(key, kind, data));
+        } else if !self.more.is_empty() {
+            let _ = hub.send(Input::Messages(key, std::mem::take(&mut self.more)));
+        }
+    }
+}
+
 /// What the hub reacts to.
 pub enum Input {
     /// A client completed its handshake.

@@ -25,7 +25,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{error::ProtocolError, Error, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use super::hub::{take_credit, ClientHandle, ClientShared, Input, Outbound, CLOSE_SLOW};
+use super::hub::{
+    take_credit, Burst, ClientHandle, ClientShared, Input, Outbound, CLOSE_SLOW, MAX_BURST,
+};
 use super::lazy_read::LazyRead;
 use super::Limits;
 use crate::protocol::link::Handshake;
@@ -298,44 +300,6 @@ fn read_burst(
     }
     burst.pass_on(key, hub);
     (waiting, end)
-}
-
-/// Most messages of one client passed on to the hub as one input.
-const MAX_BURST: usize = 64;
-
-/// Messages of one client read in one go, for the hub: one input (and no
-/// list allocated) for a single message.
-#[derive(Default)]
-struct Burst {
-    first: Option<(MessageKind, Bytes)>,
-    more: Vec<(MessageKind, Bytes)>,
-}
-
-impl Burst {
-    fn push(&mut self, kind: MessageKind, data: Bytes) {
-        if self.first.is_none() && self.more.is_empty() {
-            self.first = Some((kind, data));
-            return;
-        }
-        if let Some(first) = self.first.take() {
-            self.more.reserve(8);
-            self.more.push(first);
-        }
-        self.more.push((kind, data));
-    }
-
-    fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.more.len()
-    }
-
-    /// Sends what was read to the hub, oldest first, and empties this.
-    fn pass_on(&mut self, key: u64, hub: &mpsc::UnboundedSender<Input>) {
-        if let Some((kind, data)) = self.first.take() {
-            let _ = hub.send(Input::Message(key, kind, data));
-        } else if !self.more.is_empty() {
-            let _ = hub.send(Input::Messages(key, std::mem::take(&mut self.more)));
-        }
-    }
 }
 
 fn frame(kind: MessageKind, data: Bytes) -> Message {
