@@ -8,12 +8,15 @@
 say() { echo "$name: $*" >&2; }
 die() { say "$*"; exit 1; }
 
-# jq reads host's and loadgen's JSON; installed when missing and root.
+# jq reads host's and loadgen's JSON, curl the admin endpoint's metrics;
+# installed when missing and root.
 need_jq() {
-    command -v jq >/dev/null && return
-    [[ $(id -u) == 0 ]] || die "jq is needed: sudo apt-get install jq"
-    say "installing jq"
-    apt-get update -qq && apt-get install -y -qq jq >/dev/null
+    local missing=() tool
+    for tool in jq curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+    ((${#missing[@]})) || return 0
+    [[ $(id -u) == 0 ]] || die "needed: sudo apt-get install ${missing[*]}"
+    say "installing ${missing[*]}"
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
 # Median of the numeric arguments ("-" when none).
