@@ -16,7 +16,6 @@
 //! and its sends delivered) or `stop_timeout`, then closes every client
 //! with 1001 "going away".
 
-mod fast_hash;
 mod hub;
 mod lazy_read;
 mod router;

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::fast_hash::NumMap;
+use rustc_hash::FxHashMap;
 
 /// A link to a business worker, numbered by the gateway.
 pub type LinkId = u64;
@@ -58,7 +58,7 @@ impl<E> Default for Route<E> {
 /// The routing of one gateway's client events to its business links.
 pub struct Router<E> {
     links: BTreeMap<LinkId, Link>,
-    routes: NumMap<ClientKey, Route<E>>,
+    routes: FxHashMap<ClientKey, Route<E>>,
     /// Clients whose queue waits for any ready link.
     waiting: VecDeque<ClientKey>,
     queued: usize,
@@ -71,7 +71,7 @@ impl<E> Router<E> {
     pub fn new(max_queued: usize) -> Self {
         Router {
             links: BTreeMap::new(),
-            routes: NumMap::default(),
+            routes: FxHashMap::default(),
             waiting: VecDeque::new(),
             queued: 0,
             max_queued,
