@@ -148,7 +148,7 @@ impl HandlerStore {
         let hash = hash_bytes(&bytes);
         let path = self.library(&hash);
         let _lock = self.lock()?;
-        if !self.holds_exactly(&hash) {
+        if !self.holds(&hash, &bytes) {
             self.write_atomically(&path, &bytes)
                 .with_context(|| format!("cannot store handler {}", source.display()))?;
         }
@@ -172,18 +172,17 @@ impl HandlerStore {
         }))
     }
 
-    /// Whether the entry named `hash` exists and its bytes hash to its name;
-    /// an entry that does not match is reported (it is then rewritten).
-    fn holds_exactly(&self, hash: &str) -> bool {
+    /// Whether the entry named `hash` holds exactly `bytes` (whose hash it
+    /// is): compared, not hashed again. An entry that differs is reported
+    /// (it is then rewritten).
+    fn holds(&self, hash: &str, bytes: &[u8]) -> bool {
         let path = self.library(hash);
-        let Ok(bytes) = fs::read(&path) else {
+        let Ok(stored) = fs::read(&path) else {
             return false;
         };
-        let found = hash_bytes(&bytes);
-        if found != hash {
+        if stored != bytes {
             tracing::warn!(
                 path = %path.display(),
-                found = short(&found),
                 "store entry does not match its name (corrupted or tampered with); replacing it"
             );
             return false;
