@@ -8,18 +8,19 @@
 //! Runs end on per-client message caps; durations and drain timeouts are
 //! upper bounds only.
 
-use std::net::SocketAddr;
-use std::thread::JoinHandle;
+mod support;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use loadgen::echo::{EchoConfig, EchoReport, EchoRun, Pace, Protocol};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
+
+use support::TestServer;
 
 /// What the server does wrong, counted per connection over the messages it
 /// received (the first is number 1).
@@ -69,56 +70,14 @@ impl Fault {
     }
 }
 
-struct FaultyServer {
-    addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FaultyServer {
-    fn start(protocol: Protocol, fault: Fault) -> FaultyServer {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (shutdown_tx, mut shutdown_rx) = oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(listener).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut shutdown_rx => return,
-                        accepted = listener.accept() => {
-                            let Ok((stream, _)) = accepted else { continue };
-                            match protocol {
-                                Protocol::WebSocket => tokio::spawn(websocket(stream, fault)),
-                                Protocol::Text => tokio::spawn(text(stream, fault)),
-                            };
-                        }
-                    }
-                }
-            });
-        });
-        FaultyServer {
-            addr,
-            shutdown: Some(shutdown_tx),
-            thread: Some(thread),
+/// A server that echoes with `fault`.
+fn faulty_server(protocol: Protocol, fault: Fault) -> TestServer {
+    TestServer::start(move |stream| async move {
+        match protocol {
+            Protocol::WebSocket => websocket(stream, fault).await,
+            Protocol::Text => text(stream, fault).await,
         }
-    }
-}
-
-impl Drop for FaultyServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            thread.join().unwrap();
-        }
-    }
+    })
 }
 
 async fn websocket(stream: TcpStream, fault: Fault) {
@@ -186,7 +145,7 @@ async fn text(stream: TcpStream, fault: Fault) {
 
 /// `clients` clients sending `messages` each against `server`.
 fn run(
-    server: &FaultyServer,
+    server: &TestServer,
     protocol: Protocol,
     clients: usize,
     messages: u64,
@@ -228,7 +187,7 @@ fn swallowed_echoes_are_counted_lost() {
     // Both protocols at once: each run waits out its drain bound.
     let runs = BOTH.map(|protocol| {
         std::thread::spawn(move || {
-            let server = FaultyServer::start(protocol, Fault::DropEvery(10));
+            let server = faulty_server(protocol, Fault::DropEvery(10));
             // A rate, not a window: a window would fill with the lost messages.
             (protocol, run(&server, protocol, 4, 100, Pace::Rate(2000.0)))
         })
@@ -245,7 +204,7 @@ fn swallowed_echoes_are_counted_lost() {
 #[test]
 fn doubled_echoes_are_counted_duplicated() {
     for protocol in BOTH {
-        let server = FaultyServer::start(protocol, Fault::DoubleEvery(10));
+        let server = faulty_server(protocol, Fault::DoubleEvery(10));
         // Not a multiple of 10: a doubled last echo could come after the
         // client, with all its echoes in, has closed.
         let report = run(&server, protocol, 4, 105, Pace::Window(8));
@@ -258,7 +217,7 @@ fn doubled_echoes_are_counted_duplicated() {
 #[test]
 fn swapped_echoes_are_counted_reordered() {
     for protocol in BOTH {
-        let server = FaultyServer::start(protocol, Fault::SwapPairs);
+        let server = faulty_server(protocol, Fault::SwapPairs);
         let report = run(&server, protocol, 4, 100, Pace::Window(8));
         assert_eq!(report.received, 400, "{protocol:?}: {report:#?}");
         assert_eq!(report.reordered, 200, "{protocol:?}: {report:#?}");
@@ -268,7 +227,7 @@ fn swapped_echoes_are_counted_reordered() {
 
 #[test]
 fn a_close_frame_is_a_disconnect_by_code_and_its_outstanding_messages_are_lost() {
-    let server = FaultyServer::start(Protocol::WebSocket, Fault::CloseAfter(50, 1013));
+    let server = faulty_server(Protocol::WebSocket, Fault::CloseAfter(50, 1013));
     let report = run(&server, Protocol::WebSocket, 3, 100, Pace::Window(8));
     // Each client's first connection closes after 50 echoes; it reconnects
     // and its other 50 (minus those lost) go through a second connection.
@@ -287,14 +246,14 @@ fn a_close_frame_is_a_disconnect_by_code_and_its_outstanding_messages_are_lost()
 
 #[test]
 fn a_cut_without_close_frame_is_an_abrupt_disconnect() {
-    let server = FaultyServer::start(Protocol::WebSocket, Fault::CutAfter(50));
+    let server = faulty_server(Protocol::WebSocket, Fault::CutAfter(50));
     let report = run(&server, Protocol::WebSocket, 3, 100, Pace::Window(8));
     assert_eq!(report.disconnects.get("abrupt"), Some(&3), "{report:#?}");
     assert_eq!(report.disconnects.len(), 1, "{report:#?}");
     assert_eq!(report.received + report.lost, report.sent, "{report:#?}");
     assert_only(&report, &["lost", "disconnects"]);
 
-    let server = FaultyServer::start(Protocol::Text, Fault::CutAfter(50));
+    let server = faulty_server(Protocol::Text, Fault::CutAfter(50));
     let report = run(&server, Protocol::Text, 3, 100, Pace::Window(8));
     assert_eq!(report.disconnects.get("eof"), Some(&3), "{report:#?}");
     assert_eq!(report.received + report.lost, report.sent, "{report:#?}");

@@ -4,18 +4,19 @@
 //! ping while held, and closes with 1000 at the end; nothing is counted as a
 //! failure.
 
-use std::net::SocketAddr;
+mod support;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use loadgen::echo::{EchoConfig, EchoRun, Pace, Protocol};
 use tokio::io::AsyncReadExt as _;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+
+use support::TestServer;
 
 /// How often the server pings each WebSocket client.
 const PING_EVERY: Duration = Duration::from_millis(100);
@@ -34,59 +35,24 @@ struct Seen {
 }
 
 struct PingServer {
-    addr: SocketAddr,
+    server: TestServer,
     seen: Arc<Seen>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl PingServer {
     fn start(protocol: Protocol) -> PingServer {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
-        let thread_seen = seen.clone();
-        let (shutdown_tx, mut shutdown_rx) = oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(listener).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut shutdown_rx => return,
-                        accepted = listener.accept() => {
-                            let Ok((stream, _)) = accepted else { continue };
-                            let seen = thread_seen.clone();
-                            match protocol {
-                                Protocol::WebSocket => tokio::spawn(websocket(stream, seen)),
-                                Protocol::Text => tokio::spawn(text(stream, seen)),
-                            };
-                        }
-                    }
+        let served = seen.clone();
+        let server = TestServer::start(move |stream| {
+            let seen = served.clone();
+            async move {
+                match protocol {
+                    Protocol::WebSocket => websocket(stream, seen).await,
+                    Protocol::Text => text(stream, seen).await,
                 }
-            });
+            }
         });
-        PingServer {
-            addr,
-            seen,
-            shutdown: Some(shutdown_tx),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for PingServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            thread.join().unwrap();
-        }
+        PingServer { server, seen }
     }
 }
 
@@ -155,7 +121,7 @@ fn idle_clients_connect_once_answer_every_ping_and_close_cleanly() {
     const CLIENTS: usize = 200;
     for protocol in [Protocol::WebSocket, Protocol::Text] {
         let server = PingServer::start(protocol);
-        let mut config = EchoConfig::new(server.addr, protocol);
+        let mut config = EchoConfig::new(server.server.addr, protocol);
         config.clients = CLIENTS;
         config.pace = Pace::Idle;
         // Long enough for a few pings to each client.
