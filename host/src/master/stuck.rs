@@ -12,7 +12,9 @@
 //! to a call that ran that long and counts it in `stuck_calls`: the thread
 //! cannot be reclaimed. Either way the worker is replaced through the
 //! reload machine ([`Reloads::replace_stuck`]): its replacement starts and
-//! becomes ready, then it is killed. Nothing here costs a request anything.
+//! becomes ready, then it is killed; a replacement that cannot start is
+//! asked for again after a wait that doubles from 1 s to 60 s. Nothing here
+//! costs a request anything.
 //! This file changes only what it watches and counts (each worker's
 //! [`StuckWatch`], each group's `request_timeouts`); the replacement is the
 //! reload machine's.
@@ -31,6 +33,13 @@ use crate::counters::WorkerCounters;
 /// the period of the master's look.
 const HEARTBEAT_SLACK: Duration = Duration::from_secs(2);
 
+/// How long after a replacement of a stuck worker that did not happen (it
+/// could not start) the next one is asked for; doubled each time, up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two replacements asked for one stuck worker.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// What the master last saw of one worker's progress.
 pub(super) struct StuckWatch {
     /// `heartbeat` as last seen.
@@ -41,6 +50,8 @@ pub(super) struct StuckWatch {
     stuck_calls: u64,
     /// Whether its blocked event loop was already counted.
     blocked: bool,
+    /// When a replacement may be asked for again, and the wait after that.
+    retry: Option<(Instant, Duration)>,
 }
 
 impl StuckWatch {
@@ -51,7 +62,21 @@ impl StuckWatch {
             still_since: Instant::now(),
             stuck_calls: 0,
             blocked: false,
+            retry: None,
         }
+    }
+
+    /// Whether a replacement may be asked for `now`: the first time at
+    /// once, then after 1, 2, 4 ... up to 60 s (a worker still here was
+    /// not replaced: its replacement could not start). Notes the ask.
+    fn may_ask(&mut self, now: Instant) -> bool {
+        let wait = match self.retry {
+            None => RETRY_FIRST,
+            Some((at, _)) if now < at => return false,
+            Some((_, wait)) => wait,
+        };
+        self.retry = Some((now + wait, (wait * 2).min(RETRY_MAX)));
+        true
     }
 }
 
@@ -106,26 +131,34 @@ impl Master {
             }
         }
         for finding in findings {
-            self.replace_stuck(finding);
+            self.replace_stuck(finding, now);
         }
     }
 
     /// Asks the reload machine for a replacement of a stuck worker that
-    /// still serves its slot, unless it has one coming.
-    fn replace_stuck(&mut self, finding: Finding) {
+    /// still serves its slot, unless it has one coming or one was asked
+    /// for too recently (see [`StuckWatch::may_ask`]).
+    fn replace_stuck(&mut self, finding: Finding, now: Instant) {
         let id = finding.worker;
         if self.reloads.replaces(id) || self.is_stopping() {
             return;
         }
-        let Some(worker) = self.workers.get(&id) else {
+        let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
+        let retry = worker.watch.retry.is_some();
+        if !worker.watch.may_ask(now) {
+            return;
+        }
         let (group, slot, pid) = (worker.group, worker.slot, worker.pid);
         if self.groups[group].slots.get(slot).and_then(|s| s.serving()) != Some(id) {
             return;
         }
         let label = format!("{}/{}", self.groups[group].config.name, slot);
         let limit = finding.limit;
+        if retry {
+            tracing::warn!(worker = %label, pid, "the stuck worker's replacement did not start; asking again");
+        }
         match finding.blocked_for {
             Some(stuck) => tracing::warn!(
                 worker = %label,
@@ -158,5 +191,36 @@ impl Master {
             },
         };
         self.ask_reloads(|reloads, table| reloads.replace_stuck(stuck, table));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replacements_of_one_stuck_worker_are_asked_for_with_a_growing_wait() {
+        let mut watch = StuckWatch::new();
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        assert!(watch.may_ask(at(0)), "the first ask is at once");
+        assert!(!watch.may_ask(at(0)));
+        assert!(watch.may_ask(at(1)), "then after 1 s");
+        assert!(!watch.may_ask(at(2)));
+        assert!(watch.may_ask(at(3)), "then 2 s");
+        assert!(!watch.may_ask(at(6)));
+        assert!(watch.may_ask(at(7)), "then 4 s");
+        let mut t = 7;
+        for _ in 0..10 {
+            while !watch.may_ask(at(t)) {
+                t += 1;
+            }
+        }
+        let before = t;
+        t += 1;
+        while !watch.may_ask(at(t)) {
+            t += 1;
+        }
+        assert_eq!(t - before, 60, "the wait stops growing at 60 s");
     }
 }
