@@ -68,10 +68,20 @@ impl Group {
             None => bind_group(&config)?,
         };
         let addr = listener.local_addr()?;
+        Ok(Group::on(config, listener, addr, version))
+    }
+
+    /// The group of `config` on `listener` (bound to `addr`), its slots empty.
+    fn on(
+        config: Arc<GroupConfig>,
+        listener: TcpListener,
+        addr: SocketAddr,
+        version: Arc<Version>,
+    ) -> Group {
         let slots = (0..config.count)
             .map(|_| WorkerSlot::new(version.clone()))
             .collect();
-        Ok(Group {
+        Group {
             config,
             listener: Some(listener),
             moving_to: None,
@@ -80,7 +90,7 @@ impl Group {
             slots,
             last_failed_reload: None,
             request_timeouts: 0,
-        })
+        }
     }
 
     /// The business workers of a gateway group, on a handle of the
@@ -96,19 +106,7 @@ impl Group {
             .context("the gateway group has no listener")?
             .try_clone()
             .context("cannot duplicate the gateway listener")?;
-        let slots = (0..config.count)
-            .map(|_| WorkerSlot::new(version.clone()))
-            .collect();
-        Ok(Group {
-            config,
-            listener: Some(listener),
-            moving_to: None,
-            addr: gateways.addr,
-            version,
-            slots,
-            last_failed_reload: None,
-            request_timeouts: 0,
-        })
+        Ok(Group::on(config, listener, gateways.addr, version))
     }
 
     /// A group a reload adds: listening, with no slot yet.
