@@ -132,3 +132,24 @@ start_host() {
 
 # pids_of GROUP STATE: pids of the workers of GROUP in STATE, from host_json.
 pids_of() { jq -r --arg g "$1" --arg s "$2" '.workers[] | select(.group == $g and .state == $s) | .pid' <<<"$host_json"; }
+
+# start_baseline WORKERS: baseline's direct echo (no gateway hop) with
+# WORKERS processes; sets baseline_pid, direct_addr[ws|text] and
+# direct_pids (its workers).
+start_baseline() {
+    local out=$bench_tmp/baseline-$1.out
+    "$release/baseline-server" --listen 127.0.0.1:0 --websocket 127.0.0.1:0 --text 127.0.0.1:0 \
+        --workers "$1" >"$out" 2>"$bench_tmp/baseline.err" &
+    baseline_pid=$!
+    bench_pids+=("$baseline_pid")
+    for _ in $(seq 100); do
+        grep -q '^text on ' "$out" && break
+        sleep 0.1
+    done
+    grep -q '^text on ' "$out" || { cat "$bench_tmp/baseline.err" >&2; die "baseline-server did not start"; }
+    direct_addr=([ws]=$(sed -n 's/^websocket on //p' "$out") [text]=$(sed -n 's/^text on //p' "$out"))
+    mapfile -t direct_pids < <(cat /proc/"$baseline_pid"/task/*/children | tr ' ' '\n' | grep .)
+}
+# (global: set by start_baseline)
+declare -gA direct_addr=()
+direct_pids=()
