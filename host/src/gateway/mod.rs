@@ -70,7 +70,7 @@ pub async fn run(
         Err(error) => return crate::worker::report_failure(&mut writer, error).await,
     };
     let counters = Arc::new(counters);
-    let fd_limit = raise_fd_limit();
+    let fd_limit = fd_limit();
     let linked = Arc::new(AtomicUsize::new(0));
     let (inputs, hub_inputs) = mpsc::unbounded_channel();
     let hub = Hub::new(
@@ -183,20 +183,11 @@ fn listen(gateway: &GatewaySpec, listener: OwnedFd) -> Result<(TcpListener, Unix
     Ok((clients, links))
 }
 
-/// Raises this process's open-files soft limit to its hard limit, as each
-/// client holds a descriptor; returns the limit in force. Past it, accepts
-/// fail ("Too many open files", counted in `accept_errors`) until clients
-/// leave: raise the hard limit (`ulimit -Hn`, systemd's `LimitNOFILE`) or
-/// run more gateways (`gateways = N`).
-fn raise_fd_limit() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 0;
-    };
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return hard;
-    }
-    soft
+/// The open-files limit in force (the master raised it to the hard limit
+/// for every worker): each client holds a descriptor.
+fn fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(0, |(soft, _)| soft)
 }
 
 /// A number that differs between two starts of a gateway, so client ids of

@@ -107,12 +107,29 @@ pub fn run(config: Config, mut ready: Option<OwnedFd>) -> Result<()> {
     result
 }
 
+/// Raises the open-files soft limit to the hard limit, for the master and
+/// every worker it starts (they inherit it): each connection is a
+/// descriptor. Past the limit, accepts fail ("Too many open files",
+/// counted in `accept_errors`) until connections close: raise the hard
+/// limit (`ulimit -Hn`, systemd's `LimitNOFILE`) or run more processes.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+            }
+        }
+    }
+}
+
 fn run_master(config: Config, ready: &mut Option<OwnedFd>) -> Result<()> {
     let run_dir = RunDir::of(&config);
     // Before anything in it is used (or handed to `user`).
     let owners = Owners::for_user(config.user.as_deref());
     run_dir.prepare(owners)?;
     let _lock = lock_run_dir(&run_dir)?;
+    raise_fd_limit();
     let activated = systemd::take_listeners()?;
     let run_as = privileges::RunAs::resolve(config.user.as_deref())?;
     let store = HandlerStore::open(&run_dir.store(), owners)?;
