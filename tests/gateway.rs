@@ -98,6 +98,12 @@ fn gateway_metric(host: &Host, name: &str, more_labels: &str) -> u64 {
     )
 }
 
+/// What `ws` gets next after sending `message`.
+fn answer(ws: &mut Ws, message: &str) -> String {
+    ws.send(message);
+    ws.recv()
+}
+
 /// `ws` sends `message` and gets it back.
 #[track_caller]
 fn assert_echoed(ws: &mut Ws, message: &str) {
@@ -109,8 +115,7 @@ fn assert_echoed(ws: &mut Ws, message: &str) {
 #[track_caller]
 fn assert_serves_version(host: &Host, version: &str) {
     let mut probe = Ws::connect(host.addr);
-    probe.send("version");
-    assert_eq!(probe.recv(), version);
+    assert_eq!(answer(&mut probe, "version"), version);
 }
 
 /// Installs echo v2, v3, then v2 again, reloading after each and calling
@@ -134,8 +139,7 @@ fn websocket_messages_are_echoed_and_broadcast() {
     let mut a = Ws::connect(host.addr);
     let mut b = Ws::connect(host.addr);
     assert_echoed(&mut a, "hello");
-    a.send("version");
-    assert_eq!(a.recv(), "v1");
+    assert_eq!(answer(&mut a, "version"), "v1");
     b.send("b to all");
     assert_eq!(a.recv(), "b to all");
     assert_eq!(b.recv(), "b to all");
@@ -381,17 +385,13 @@ fn every_gateway_call_works_from_the_chat_handler_and_from_its_http_group() {
     let mut a = Ws::connect(host.addr);
     let mut b = Ws::connect(host.addr);
     let (id_a, id_b) = (welcomed(&mut a), welcomed(&mut b));
-    a.send("nick ann");
-    assert_eq!(a.recv(), "you are ann");
-    b.send("nick bob");
-    assert_eq!(b.recv(), "you are bob");
-    a.send("join lobby");
-    assert_eq!(a.recv(), "* ann joined lobby (1 here)");
+    assert_eq!(answer(&mut a, "nick ann"), "you are ann");
+    assert_eq!(answer(&mut b, "nick bob"), "you are bob");
+    assert_eq!(answer(&mut a, "join lobby"), "* ann joined lobby (1 here)");
     b.send("join lobby");
     assert_eq!(a.recv(), "* bob joined lobby (2 here)");
     assert_eq!(b.recv(), "* bob joined lobby (2 here)");
-    a.send("say hi");
-    assert_eq!(a.recv(), "ann: hi");
+    assert_eq!(answer(&mut a, "say hi"), "ann: hi");
     assert_eq!(b.recv(), "ann: hi");
     let listed = host.cli(&["connections", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
@@ -402,8 +402,7 @@ fn every_gateway_call_works_from_the_chat_handler_and_from_its_http_group() {
             .is_some_and(|c| c.iter().any(|c| c["state"] == ann.as_str()))),
         "{ann} not in {listed}"
     );
-    a.send("online");
-    assert_eq!(a.recv(), "online: 2");
+    assert_eq!(answer(&mut a, "online"), "online: 2");
     // The HTTP group pushes to the chat (GatewayWorker's GatewayClient).
     let pushed = request(web, "POST", "/notify?uid=ann", b"from the web").unwrap();
     assert_eq!(pushed.status, 200, "{}", pushed.body);
@@ -419,30 +418,27 @@ fn every_gateway_call_works_from_the_chat_handler_and_from_its_http_group() {
         "bob (to you): yo",
         "the shout is not for its sender"
     );
-    a.send(&format!("whois {id_b}"));
-    assert_eq!(a.recv(), format!("{id_b} is online as bob"));
-    b.send("leave");
-    assert_eq!(b.recv(), "you left lobby");
-    a.send("count lobby");
-    assert_eq!(a.recv(), "lobby: 1");
-    b.send("forget");
-    assert_eq!(b.recv(), "you are nobody");
-    a.send("to bob hello?");
-    assert_eq!(a.recv(), "nobody by that name");
-    b.send("nick bob");
-    assert_eq!(b.recv(), "you are bob");
+    assert_eq!(
+        answer(&mut a, &format!("whois {id_b}")),
+        format!("{id_b} is online as bob")
+    );
+    assert_eq!(answer(&mut b, "leave"), "you left lobby");
+    assert_eq!(answer(&mut a, "count lobby"), "lobby: 1");
+    assert_eq!(answer(&mut b, "forget"), "you are nobody");
+    assert_eq!(answer(&mut a, "to bob hello?"), "nobody by that name");
+    assert_eq!(answer(&mut b, "nick bob"), "you are bob");
     a.send("kick bob");
     assert_eq!(b.closed(), Ended::Closed(4000));
-    a.send(&format!("whois {id_b}"));
-    assert_eq!(a.recv(), format!("{id_b} is not online"));
+    assert_eq!(
+        answer(&mut a, &format!("whois {id_b}")),
+        format!("{id_b} is not online")
+    );
 
     // The session travels with the close event.
     let mut c = Ws::connect(host.addr);
     welcomed(&mut c);
-    c.send("nick carl");
-    assert_eq!(c.recv(), "you are carl");
-    c.send("join lobby");
-    assert_eq!(c.recv(), "* carl joined lobby (2 here)");
+    assert_eq!(answer(&mut c, "nick carl"), "you are carl");
+    assert_eq!(answer(&mut c, "join lobby"), "* carl joined lobby (2 here)");
     assert_eq!(a.recv(), "* carl joined lobby (2 here)");
     c.socket.close(None).unwrap();
     c.closed();
@@ -643,11 +639,7 @@ fn a_handler_built_against_handler_api_0_2_0_still_serves_http_but_not_a_gateway
     dir.write("host.toml", gateway_config(&old, "websocket", 1, ""));
     let output = host_command(&dir, &["start"]);
     assert!(!output.status.success());
-    assert!(
-        text(&output).contains("no connection entry points"),
-        "{}",
-        text(&output)
-    );
+    assert_says(&output, "no connection entry points");
 }
 
 #[test]
