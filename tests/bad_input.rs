@@ -288,7 +288,7 @@ fn daemon_start_serves_until_stopped() {
 
     let output = host_command(&dir, &["start", "-d"]);
     assert!(output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains("host started"), "{}", text(&output));
+    assert_says(&output, "host started");
 
     let output = host_command(&dir, &["status", "--json"]);
     assert!(output.status.success(), "{}", text(&output));

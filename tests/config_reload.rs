@@ -114,11 +114,7 @@ fn an_unchanged_config_says_so_and_still_replaces_the_workers() {
     assert!(config_changes(&report).is_empty(), "{report:#}");
     assert_ne!(host.worker_pids(), pids);
     let output = host.cli(&["reload"]);
-    assert!(
-        text(&output).contains("config: nothing changed"),
-        "{}",
-        text(&output)
-    );
+    assert_says(&output, "config: nothing changed");
 }
 
 #[test]

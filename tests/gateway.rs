@@ -22,15 +22,110 @@ fn gateway_config(handler: &std::path::Path, protocol: &str, count: usize, extra
     )
 }
 
-/// Pids of the business workers (not the gateways) that are ready.
-fn business_pids(host: &Host) -> Vec<u32> {
-    host.status()["workers"]
+/// A host whose gateway group `echo` (see [`gateway_config`]) runs the v1
+/// echo handler.
+fn start_echo(name: &str, protocol: &str, count: usize, extra: &str) -> Host {
+    start_echo_config(name, "", protocol, count, extra)
+}
+
+/// [`start_echo`] with an admin address, for the metrics.
+fn start_echo_with_admin(name: &str, protocol: &str, count: usize, extra: &str) -> Host {
+    start_echo_config(name, "admin = \"127.0.0.1:0\"\n", protocol, count, extra)
+}
+
+fn start_echo_config(name: &str, top: &str, protocol: &str, count: usize, extra: &str) -> Host {
+    let dir = TestDir::new(name);
+    let handler = dir.install(Variant::Echo("v1"), "echo.so");
+    let config = gateway_config(&handler, protocol, count, extra);
+    Host::start(dir, &format!("{top}{config}"))
+}
+
+/// The gateway processes' group in status and metrics.
+const GATEWAYS: &str = "echo-gateways";
+
+/// The workers of `group` in a `host status`.
+fn workers_of<'a>(
+    status: &'a serde_json::Value,
+    group: &'a str,
+) -> impl Iterator<Item = &'a serde_json::Value> {
+    status["workers"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|w| w["group"] == "echo" && w["state"] == "ready")
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .filter(move |w| w["group"] == group)
+}
+
+fn pid_of(worker: &serde_json::Value) -> u32 {
+    worker["pid"].as_u64().unwrap() as u32
+}
+
+/// Pids of the business workers (not the gateways) that are ready.
+fn business_pids(host: &Host) -> Vec<u32> {
+    workers_of(&host.status(), "echo")
+        .filter(|w| w["state"] == "ready")
+        .map(pid_of)
         .collect()
+}
+
+/// The pid of a ready gateway process, if there is one.
+fn ready_gateway_pid(host: &Host) -> Option<u32> {
+    workers_of(&host.status(), GATEWAYS)
+        .find(|w| w["state"] == "ready")
+        .map(pid_of)
+}
+
+/// Clients the gateway processes hold, from `host status`.
+fn gateway_connections(host: &Host) -> u64 {
+    workers_of(&host.status(), GATEWAYS)
+        .map(|w| w["connections"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Waits until `count` business workers are ready, none of them one of `old`.
+fn wait_business_replaced(host: &Host, old: &[u32], count: usize) {
+    wait_until("the business workers are replaced", || {
+        let now = business_pids(host);
+        now.len() == count && now.iter().all(|pid| !old.contains(pid))
+    });
+}
+
+/// The gateway group's sample of metric `name`; `more_labels` (each
+/// starting with a comma) follow its group label.
+fn gateway_metric(host: &Host, name: &str, more_labels: &str) -> u64 {
+    metric(
+        &metrics(&host.admin()),
+        &format!("{name}{{group=\"{GATEWAYS}\"{more_labels}}}"),
+    )
+}
+
+/// What `ws` gets next after sending `message`.
+fn answer(ws: &mut Ws, message: &str) -> String {
+    ws.send(message);
+    ws.recv()
+}
+
+/// `ws` sends `message` and gets it back.
+#[track_caller]
+fn assert_echoed(ws: &mut Ws, message: &str) {
+    ws.send(message);
+    assert_eq!(ws.recv(), message);
+}
+
+/// A new client asking for the handler's version gets `version`.
+#[track_caller]
+fn assert_serves_version(host: &Host, version: &str) {
+    let mut probe = Ws::connect(host.addr);
+    assert_eq!(answer(&mut probe, "version"), version);
+}
+
+/// Installs echo v2, v3, then v2 again, reloading after each and calling
+/// `settle` after each reload.
+fn reload_v2_v3_v2(host: &Host, mut settle: impl FnMut()) {
+    for version in ["v2", "v3", "v2"] {
+        host.dir.install(Variant::Echo(version), "echo.so");
+        reload(host);
+        settle();
+    }
 }
 
 fn reload(host: &Host) {
@@ -40,24 +135,17 @@ fn reload(host: &Host) {
 
 #[test]
 fn websocket_messages_are_echoed_and_broadcast() {
-    let dir = TestDir::new("gw-echo");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let host = Host::start(dir, &gateway_config(&handler, "websocket", 2, ""));
+    let host = start_echo("gw-echo", "websocket", 2, "");
     let mut a = Ws::connect(host.addr);
     let mut b = Ws::connect(host.addr);
-    a.send("hello");
-    assert_eq!(a.recv(), "hello");
-    a.send("version");
-    assert_eq!(a.recv(), "v1");
+    assert_echoed(&mut a, "hello");
+    assert_eq!(answer(&mut a, "version"), "v1");
     b.send("b to all");
     assert_eq!(a.recv(), "b to all");
     assert_eq!(b.recv(), "b to all");
     let status = host.status();
-    let gateway = status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["group"] == "echo-gateways")
+    let gateway = workers_of(&status, GATEWAYS)
+        .next()
         .expect("a gateway process in status");
     assert_eq!(gateway["connections"], 2, "{status}");
     assert_eq!(gateway["in_flight"], 0, "{status}");
@@ -73,9 +161,7 @@ fn websocket_messages_are_echoed_and_broadcast() {
 
 #[test]
 fn text_clients_get_lines_back_and_long_lines_close_them() {
-    let dir = TestDir::new("gw-text");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let host = Host::start(dir, &gateway_config(&handler, "text", 1, "max_line = 16"));
+    let host = start_echo("gw-text", "text", 1, "max_line = 16");
     let mut a = TextClient::connect(host.addr);
     let mut b = TextClient::connect(host.addr);
     a.send("hello");
@@ -227,20 +313,12 @@ fn flow_client(
 }
 
 fn reload_under_flow(count: usize) -> FlowReport {
-    let dir = TestDir::new("gw-reload");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let host = Host::start(dir, &gateway_config(&handler, "websocket", count, ""));
+    let host = start_echo("gw-reload", "websocket", count, "");
     let flow = Flow::start(host.addr, 24, Duration::from_secs(10));
     flow.wait_for(500);
-    for version in ["v2", "v3", "v2"] {
-        host.dir.install(Variant::Echo(version), "echo.so");
-        reload(&host);
-        flow.wait_for(300);
-    }
+    reload_v2_v3_v2(&host, || flow.wait_for(300));
     let report = flow.stop();
-    let mut probe = Ws::connect(host.addr);
-    probe.send("version");
-    assert_eq!(probe.recv(), "v2");
+    assert_serves_version(&host, "v2");
     eprintln!("reload of {count} business workers x3 under flow: {report:?}");
     report
 }
@@ -307,17 +385,13 @@ fn every_gateway_call_works_from_the_chat_handler_and_from_its_http_group() {
     let mut a = Ws::connect(host.addr);
     let mut b = Ws::connect(host.addr);
     let (id_a, id_b) = (welcomed(&mut a), welcomed(&mut b));
-    a.send("nick ann");
-    assert_eq!(a.recv(), "you are ann");
-    b.send("nick bob");
-    assert_eq!(b.recv(), "you are bob");
-    a.send("join lobby");
-    assert_eq!(a.recv(), "* ann joined lobby (1 here)");
+    assert_eq!(answer(&mut a, "nick ann"), "you are ann");
+    assert_eq!(answer(&mut b, "nick bob"), "you are bob");
+    assert_eq!(answer(&mut a, "join lobby"), "* ann joined lobby (1 here)");
     b.send("join lobby");
     assert_eq!(a.recv(), "* bob joined lobby (2 here)");
     assert_eq!(b.recv(), "* bob joined lobby (2 here)");
-    a.send("say hi");
-    assert_eq!(a.recv(), "ann: hi");
+    assert_eq!(answer(&mut a, "say hi"), "ann: hi");
     assert_eq!(b.recv(), "ann: hi");
     let listed = host.cli(&["connections", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
@@ -328,8 +402,7 @@ fn every_gateway_call_works_from_the_chat_handler_and_from_its_http_group() {
             .is_some_and(|c| c.iter().any(|c| c["state"] == ann.as_str()))),
         "{ann} not in {listed}"
     );
-    a.send("online");
-    assert_eq!(a.recv(), "online: 2");
+    assert_eq!(answer(&mut a, "online"), "online: 2");
     // The HTTP group pushes to the chat (GatewayWorker's GatewayClient).
     let pushed = request(web, "POST", "/notify?uid=ann", b"from the web").unwrap();
     assert_eq!(pushed.status, 200, "{}", pushed.body);
@@ -345,30 +418,27 @@ fn every_gateway_call_works_from_the_chat_handler_and_from_its_http_group() {
         "bob (to you): yo",
         "the shout is not for its sender"
     );
-    a.send(&format!("whois {id_b}"));
-    assert_eq!(a.recv(), format!("{id_b} is online as bob"));
-    b.send("leave");
-    assert_eq!(b.recv(), "you left lobby");
-    a.send("count lobby");
-    assert_eq!(a.recv(), "lobby: 1");
-    b.send("forget");
-    assert_eq!(b.recv(), "you are nobody");
-    a.send("to bob hello?");
-    assert_eq!(a.recv(), "nobody by that name");
-    b.send("nick bob");
-    assert_eq!(b.recv(), "you are bob");
+    assert_eq!(
+        answer(&mut a, &format!("whois {id_b}")),
+        format!("{id_b} is online as bob")
+    );
+    assert_eq!(answer(&mut b, "leave"), "you left lobby");
+    assert_eq!(answer(&mut a, "count lobby"), "lobby: 1");
+    assert_eq!(answer(&mut b, "forget"), "you are nobody");
+    assert_eq!(answer(&mut a, "to bob hello?"), "nobody by that name");
+    assert_eq!(answer(&mut b, "nick bob"), "you are bob");
     a.send("kick bob");
     assert_eq!(b.closed(), Ended::Closed(4000));
-    a.send(&format!("whois {id_b}"));
-    assert_eq!(a.recv(), format!("{id_b} is not online"));
+    assert_eq!(
+        answer(&mut a, &format!("whois {id_b}")),
+        format!("{id_b} is not online")
+    );
 
     // The session travels with the close event.
     let mut c = Ws::connect(host.addr);
     welcomed(&mut c);
-    c.send("nick carl");
-    assert_eq!(c.recv(), "you are carl");
-    c.send("join lobby");
-    assert_eq!(c.recv(), "* carl joined lobby (2 here)");
+    assert_eq!(answer(&mut c, "nick carl"), "you are carl");
+    assert_eq!(answer(&mut c, "join lobby"), "* carl joined lobby (2 here)");
     assert_eq!(a.recv(), "* carl joined lobby (2 here)");
     c.socket.close(None).unwrap();
     c.closed();
@@ -377,10 +447,7 @@ fn every_gateway_call_works_from_the_chat_handler_and_from_its_http_group() {
 
 #[test]
 fn a_killed_business_worker_loses_only_what_it_had_and_disconnects_nobody() {
-    let dir = TestDir::new("gw-kill");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let config = gateway_config(&handler, "websocket", 2, "");
-    let host = Host::start(dir, &format!("admin = \"127.0.0.1:0\"\n{config}"));
+    let host = start_echo_with_admin("gw-kill", "websocket", 2, "");
     let clients = 16;
     let flow = Flow::start(host.addr, clients, Duration::from_secs(3));
     flow.wait_for(500);
@@ -391,10 +458,7 @@ fn a_killed_business_worker_loses_only_what_it_had_and_disconnects_nobody() {
     kill(victim, Signal::SIGSTOP);
     flow.wait_for(500);
     kill(victim, Signal::SIGKILL);
-    wait_until("the killed worker is replaced", || {
-        let pids = business_pids(&host);
-        pids.len() == 2 && !pids.contains(&victim)
-    });
+    wait_business_replaced(&host, &[victim], 2);
     flow.wait_for(500);
     let report = flow.stop();
     eprintln!("business worker killed under flow: {report:?}");
@@ -405,10 +469,7 @@ fn a_killed_business_worker_loses_only_what_it_had_and_disconnects_nobody() {
     );
     // One message in flight per client at most; a lost one is counted.
     assert!((1..=clients as u64).contains(&report.lost), "{report:?}");
-    let lost = metric(
-        &metrics(&host.admin()),
-        "host_gateway_events_lost_total{group=\"echo-gateways\"}",
-    );
+    let lost = gateway_metric(&host, "host_gateway_events_lost_total", "");
     assert!(
         lost >= report.lost,
         "gateway counted {lost}, clients saw {report:?}"
@@ -417,20 +478,14 @@ fn a_killed_business_worker_loses_only_what_it_had_and_disconnects_nobody() {
 
 #[test]
 fn without_a_business_worker_events_wait_and_a_full_queue_closes_with_1013() {
-    let dir = TestDir::new("gw-queue");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let host = Host::start(
-        dir,
-        &gateway_config(
-            &handler,
-            "websocket",
-            1,
-            "max_queued_events = 20\n[group.settings]\nstart_delay_ms = 1500",
-        ),
+    let host = start_echo(
+        "gw-queue",
+        "websocket",
+        1,
+        "max_queued_events = 20\n[group.settings]\nstart_delay_ms = 1500",
     );
     let mut a = Ws::connect(host.addr);
-    a.send("first");
-    assert_eq!(a.recv(), "first");
+    assert_echoed(&mut a, "first");
     let victim = business_pids(&host)[0];
     kill(victim, Signal::SIGKILL);
     wait_until("the master sees the worker gone", || {
@@ -449,8 +504,7 @@ fn without_a_business_worker_events_wait_and_a_full_queue_closes_with_1013() {
         assert_eq!(a.recv(), format!("queued {n}"));
     }
     let mut c = Ws::connect(host.addr);
-    c.send("later");
-    assert_eq!(c.recv(), "later");
+    assert_echoed(&mut c, "later");
 }
 
 /// Sends a raw HTTP request to the gateway and returns what it answers.
@@ -494,15 +548,12 @@ fn close_code(stream: &mut TcpStream) -> u16 {
 
 #[test]
 fn bad_websocket_input_gets_a_protocol_answer_and_harms_no_other_client() {
-    let dir = TestDir::new("gw-bad");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let config = gateway_config(
-        &handler,
+    let host = start_echo_with_admin(
+        "gw-bad",
         "websocket",
         1,
         "max_message_size = 1024\nmax_outbound_bytes = 65536\norigins = [\"http://good.example\"]",
     );
-    let host = Host::start(dir, &format!("admin = \"127.0.0.1:0\"\n{config}"));
     let mut bystander = Ws::connect(host.addr);
 
     let plain = raw_exchange(host.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -531,34 +582,24 @@ fn bad_websocket_input_gets_a_protocol_answer_and_harms_no_other_client() {
     assert_eq!(oversized.closed(), Ended::Closed(1009));
 
     for code in [1002, 1007, 1009] {
-        let counted =
-            format!("host_gateway_closes_total{{group=\"echo-gateways\",code=\"{code}\"}}");
+        let code = format!(",code=\"{code}\"");
         wait_until("the close is counted", || {
-            metric(&metrics(&host.admin()), &counted) == 1
+            gateway_metric(&host, "host_gateway_closes_total", &code) == 1
         });
     }
 
-    bystander.send("still fine");
-    assert_eq!(bystander.recv(), "still fine");
+    assert_echoed(&mut bystander, "still fine");
 }
 
 #[test]
 fn a_client_that_never_reads_is_cut_and_the_others_keep_going() {
-    let dir = TestDir::new("gw-slow");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let config = gateway_config(&handler, "websocket", 1, "max_outbound_bytes = 65536");
-    let host = Host::start(dir, &format!("admin = \"127.0.0.1:0\"\n{config}"));
+    let host = start_echo_with_admin("gw-slow", "websocket", 1, "max_outbound_bytes = 65536");
     let never_reads = raw_websocket(host.addr);
     let mut reader = Ws::connect(host.addr);
     // Broadcasts pile up for the client that never reads, past what the
     // kernel buffers hold, until its outbound limit; the reader reads each.
     let broadcast = format!("b{}", "y".repeat(32 << 10));
-    let slow_closes = || {
-        metric(
-            &metrics(&host.admin()),
-            "host_gateway_slow_closes_total{group=\"echo-gateways\"}",
-        )
-    };
+    let slow_closes = || gateway_metric(&host, "host_gateway_slow_closes_total", "");
     let mut rounds = 0;
     while slow_closes() == 0 {
         for _ in 0..50 {
@@ -569,35 +610,20 @@ fn a_client_that_never_reads_is_cut_and_the_others_keep_going() {
         assert!(rounds < 5000, "the client that never reads was never cut");
     }
     drop(never_reads);
-    reader.send("still fine");
-    assert_eq!(reader.recv(), "still fine");
+    assert_echoed(&mut reader, "still fine");
 }
 
 #[test]
 fn a_bad_build_is_refused_with_no_event_lost() {
-    let dir = TestDir::new("gw-bad-build");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let host = Host::start(dir, &gateway_config(&handler, "websocket", 2, ""));
+    let host = start_echo("gw-bad-build", "websocket", 2, "");
     let flow = Flow::start(host.addr, 8, Duration::from_secs(10));
     flow.wait_for(300);
     host.dir.install(Variant::Faulty("error"), "echo.so");
     let output = host.cli(&["reload"]);
     assert!(!output.status.success(), "the faulty build was accepted");
     flow.wait_for(300);
-    let report = flow.stop();
-    assert_eq!(
-        (
-            report.lost,
-            report.reordered,
-            report.duplicated,
-            report.disconnects
-        ),
-        (0, 0, 0, 0),
-        "{report:?}"
-    );
-    let mut probe = Ws::connect(host.addr);
-    probe.send("version");
-    assert_eq!(probe.recv(), "v1");
+    assert_nothing_lost(&flow.stop());
+    assert_serves_version(&host, "v1");
 }
 
 #[test]
@@ -613,42 +639,25 @@ fn a_handler_built_against_handler_api_0_2_0_still_serves_http_but_not_a_gateway
     dir.write("host.toml", gateway_config(&old, "websocket", 1, ""));
     let output = host_command(&dir, &["start"]);
     assert!(!output.status.success());
-    assert!(
-        text(&output).contains("no connection entry points"),
-        "{}",
-        text(&output)
-    );
+    assert_says(&output, "no connection entry points");
 }
 
 #[test]
 fn a_gateway_that_dies_is_restarted_and_the_business_workers_link_to_it_again() {
-    let dir = TestDir::new("gw-gateway-crash");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let host = Host::start(dir, &gateway_config(&handler, "websocket", 2, ""));
-    let gateway_pid = || {
-        host.status()["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["group"] == "echo-gateways" && w["state"] == "ready")
-            .map(|w| w["pid"].as_u64().unwrap() as u32)
-    };
+    let host = start_echo("gw-gateway-crash", "websocket", 2, "");
     let mut before = Ws::connect(host.addr);
-    before.send("one");
-    assert_eq!(before.recv(), "one");
-    let victim = gateway_pid().expect("a ready gateway");
+    assert_echoed(&mut before, "one");
+    let victim = ready_gateway_pid(&host).expect("a ready gateway");
     kill(victim, Signal::SIGKILL);
     // Its clients die with it; that is what keeping gateways free of
     // handler code is for.
     assert_eq!(before.closed(), Ended::Abrupt);
     wait_until("the gateway is restarted", || {
-        gateway_pid().is_some_and(|pid| pid != victim)
+        ready_gateway_pid(&host).is_some_and(|pid| pid != victim)
     });
     let mut after = Ws::connect(host.addr);
-    after.send("two");
-    assert_eq!(after.recv(), "two");
-    after.send("b everyone");
-    assert_eq!(after.recv(), "b everyone");
+    assert_echoed(&mut after, "two");
+    assert_echoed(&mut after, "b everyone");
 }
 
 /// A masked client text frame (mask of zeros) of `payload`, under 64 KiB.
@@ -679,15 +688,10 @@ fn server_frame(stream: &mut TcpStream) -> Vec<u8> {
 
 #[test]
 fn a_client_faster_than_its_handler_waits_in_its_own_buffers() {
-    let dir = TestDir::new("gw-credit");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let host = Host::start(dir, &gateway_config(&handler, "websocket", 1, ""));
+    let host = start_echo("gw-credit", "websocket", 1, "");
     let messages_in = || {
-        host.status()["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["group"] == "echo-gateways")
+        workers_of(&host.status(), GATEWAYS)
+            .next()
             .map_or(0, |w| w["requests"].as_u64().unwrap())
     };
     let worker = business_pids(&host)[0];
@@ -718,16 +722,11 @@ fn a_client_faster_than_its_handler_waits_in_its_own_buffers() {
 
 #[test]
 fn clients_that_answer_no_ping_or_say_nothing_are_closed() {
-    let dir = TestDir::new("gw-heartbeat");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let host = Host::start(
-        dir,
-        &gateway_config(
-            &handler,
-            "websocket",
-            1,
-            "ping_interval = \"200ms\"\nmissed_pongs = 2",
-        ),
+    let host = start_echo(
+        "gw-heartbeat",
+        "websocket",
+        1,
+        "ping_interval = \"200ms\"\nmissed_pongs = 2",
     );
     // Reads frames but never answers: pings, then a close for no pong.
     let mut deaf = raw_websocket(host.addr);
@@ -750,16 +749,10 @@ fn clients_that_answer_no_ping_or_say_nothing_are_closed() {
     // tungstenite answers pings while it reads: such a client stays.
     let mut alive = Ws::connect(host.addr);
     assert_eq!(alive.next(Duration::from_millis(1500)), Err(Ended::Silent));
-    alive.send("still here");
-    assert_eq!(alive.recv(), "still here");
+    assert_echoed(&mut alive, "still here");
     drop(host);
 
-    let dir = TestDir::new("gw-idle");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
-    let host = Host::start(
-        dir,
-        &gateway_config(&handler, "text", 1, "idle_timeout = \"1s\""),
-    );
+    let host = start_echo("gw-idle", "text", 1, "idle_timeout = \"1s\"");
     let mut talking = TextClient::connect(host.addr);
     let mut silent = TextClient::connect(host.addr);
     // One that talks more often than idle_timeout stays past it.
@@ -777,28 +770,18 @@ fn loadgen_across_reloads(
     protocol: loadgen::echo::Protocol,
     name: &str,
 ) -> loadgen::echo::EchoReport {
-    let dir = TestDir::new(name);
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
     let wire = match protocol {
         loadgen::echo::Protocol::WebSocket => "websocket",
         loadgen::echo::Protocol::Text => "text",
     };
-    let host = Host::start(dir, &gateway_config(&handler, wire, 2, ""));
-    let mut config = loadgen::echo::EchoConfig::new(host.addr, protocol);
-    config.clients = 50;
-    config.pace = loadgen::echo::Pace::Window(4);
-    config.duration = DEADLINE;
-    let run = loadgen::echo::EchoRun::start(config);
+    let host = start_echo(name, wire, 2, "");
+    let run = echo_load(&host, protocol, 50, loadgen::echo::Pace::Window(4));
     let wait_for = |more: u64| {
         let target = run.progress().received + more;
         wait_until("echoes arrive", || run.progress().received >= target);
     };
     wait_for(2000);
-    for version in ["v2", "v3", "v2"] {
-        host.dir.install(Variant::Echo(version), "echo.so");
-        reload(&host);
-        wait_for(2000);
-    }
+    reload_v2_v3_v2(&host, || wait_for(2000));
     let report = run.stop();
     eprintln!(
         "{wire}: {} clients, 3 reloads of 2 business workers: sent {}, received {}, lost {}, reordered {}, duplicated {}, disconnects {}, longest echo gap {} us",
@@ -839,40 +822,40 @@ fn loadgen_sees_nothing_lost_across_reloads_on_websocket_and_text() {
     }
 }
 
-/// Clients the gateway processes hold, from `host status`.
-fn gateway_connections(host: &Host) -> u64 {
-    host.status()["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|w| w["group"] == "echo-gateways")
-        .map(|w| w["connections"].as_u64().unwrap_or(0))
-        .sum()
+/// loadgen's echo load of `clients` clients at `pace` on the gateway,
+/// for at most [`DEADLINE`].
+fn echo_load(
+    host: &Host,
+    protocol: loadgen::echo::Protocol,
+    clients: usize,
+    pace: loadgen::echo::Pace,
+) -> loadgen::echo::EchoRun {
+    let mut config = loadgen::echo::EchoConfig::new(host.addr, protocol);
+    config.clients = clients;
+    config.pace = pace;
+    config.duration = DEADLINE;
+    loadgen::echo::EchoRun::start(config)
 }
 
 #[test]
 fn idle_clients_answering_pings_are_all_held_across_a_reload() {
     const CLIENTS: usize = 2000;
-    let dir = TestDir::new("gw-idle-held");
-    let handler = dir.install(Variant::Echo("v1"), "echo.so");
     // A short heartbeat, so that every client is pinged while it is held
     // and one that does not answer is dropped within about 10 s (not less:
     // a loaded 2-core machine running other tests can hold up a debug
     // build's pongs for seconds).
-    let host = Host::start(
-        dir,
-        &gateway_config(
-            &handler,
-            "websocket",
-            2,
-            "ping_interval = \"2s\"\nmissed_pongs = 5",
-        ),
+    let host = start_echo(
+        "gw-idle-held",
+        "websocket",
+        2,
+        "ping_interval = \"2s\"\nmissed_pongs = 5",
     );
-    let mut config = loadgen::echo::EchoConfig::new(host.addr, loadgen::echo::Protocol::WebSocket);
-    config.clients = CLIENTS;
-    config.pace = loadgen::echo::Pace::Idle;
-    config.duration = DEADLINE;
-    let run = loadgen::echo::EchoRun::start(config);
+    let run = echo_load(
+        &host,
+        loadgen::echo::Protocol::WebSocket,
+        CLIENTS,
+        loadgen::echo::Pace::Idle,
+    );
     wait_until("every client connects", || {
         run.progress().connected == CLIENTS
     });
@@ -882,10 +865,7 @@ fn idle_clients_answering_pings_are_all_held_across_a_reload() {
     let before = business_pids(&host);
     host.dir.install(Variant::Echo("v2"), "echo.so");
     reload(&host);
-    wait_until("new business workers are ready", || {
-        let now = business_pids(&host);
-        now.len() == before.len() && now.iter().all(|pid| !before.contains(pid))
-    });
+    wait_business_replaced(&host, &before, before.len());
     // Six heartbeats after the reload, longer than five missed pongs
     // take: every client is still there, so each answered its pings.
     let held_since = Instant::now();

@@ -72,11 +72,7 @@ fn deploy_refuses_a_build_that_would_not_load() {
     let bad = dir.install(Variant::AbiMismatch, "bad.so");
     let output = host_command(&dir, &["deploy", bad.to_str().unwrap()]);
     assert!(!output.status.success());
-    assert!(
-        text(&output).contains("incompatible handler-api"),
-        "{}",
-        text(&output)
-    );
+    assert_says(&output, "incompatible handler-api");
     assert!(
         versions(&dir).is_empty(),
         "a refused build stays out of the store"
@@ -145,11 +141,7 @@ fn a_config_sha256_refuses_other_bytes_at_start_and_at_reload() {
     host.dir.install(Variant::SampleV2, "handler.so");
     let output = host.cli(&["reload"]);
     assert!(!output.status.success());
-    assert!(
-        text(&output).contains("config allows only"),
-        "{}",
-        text(&output)
-    );
+    assert_says(&output, "config allows only");
     assert_eq!(host.worker_pids(), pids);
     assert_all_serve(&host, "v1");
 
@@ -161,11 +153,7 @@ fn a_config_sha256_refuses_other_bytes_at_start_and_at_reload() {
     );
     let output = host_start_must_fail(&dir);
     assert!(!output.status.success());
-    assert!(
-        text(&output).contains("config allows only"),
-        "{}",
-        text(&output)
-    );
+    assert_says(&output, "config allows only");
     wait_until("nothing is left running", || processes_of(&dir).is_empty());
 }
 
@@ -190,11 +178,7 @@ fn a_handler_writable_by_others_is_refused_unless_allowed() {
     dir.write("host.toml", one_group_config(&handler, 1, ""));
     let output = host_start_must_fail(&dir);
     assert!(!output.status.success());
-    assert!(
-        text(&output).contains("writable by other users"),
-        "{}",
-        text(&output)
-    );
+    assert_says(&output, "writable by other users");
     wait_until("nothing is left running", || processes_of(&dir).is_empty());
 
     let host = Host::start(
@@ -250,7 +234,7 @@ fn a_handler_in_a_directory_others_can_write_is_refused_unless_it_is_sticky() {
     let output = host_start_must_fail(&dir);
     assert!(!output.status.success(), "{}", text(&output));
     let expected = format!("{} is writable by other users", shared.display());
-    assert!(text(&output).contains(&expected), "{}", text(&output));
+    assert_says(&output, &expected);
     wait_until("nothing is left running", || processes_of(&dir).is_empty());
 
     // Sticky, like /tmp: others cannot replace the file.

@@ -827,6 +827,14 @@ pub fn text(output: &Output) -> String {
     )
 }
 
+/// Asserts that a CLI run's text (see [`text`]) contains `needle`, showing
+/// the whole text if not.
+#[track_caller]
+pub fn assert_says(output: &Output, needle: &str) {
+    let text = text(output);
+    assert!(text.contains(needle), "{text}");
+}
+
 /// Kills whatever a test started in a directory (daemonized masters
 /// included) when dropped, so a test that fails midway leaves nothing
 /// running.
