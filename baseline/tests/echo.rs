@@ -87,6 +87,13 @@ fn echo_loses_reorders_and_duplicates_nothing_across_two_workers() {
         assert_eq!(report.sent, 16 * 500, "{protocol:?}: {report:#?}");
         assert_clean(&report);
         assert!(report.latency_p99_us >= report.latency_p50_us);
+        // Every echo was timed: a round trip through the server takes some
+        // microseconds, so an empty histogram (p50 of 0) means none was.
+        assert!(report.latency_p50_us > 0, "{report:#?}");
+        assert!(
+            report.latency_max_us >= report.latency_p99_us,
+            "{report:#?}"
+        );
         assert!(report.cpu_secs > 0.0, "{report:#?}");
 
         // Paced, from two other loopback source addresses.
@@ -136,5 +143,11 @@ fn a_broadcast_reaches_every_client_of_the_worker() {
             "{protocol:?}: {report:#?}"
         );
         assert!(report.fanout_p99_us >= report.fanout_p50_us);
+        // Every broadcast received was timed (an empty histogram reads 0).
+        assert!(report.fanout_p50_us > 0, "{protocol:?}: {report:#?}");
+        assert!(
+            report.fanout_max_us >= report.fanout_p99_us,
+            "{report:#?}"
+        );
     }
 }
