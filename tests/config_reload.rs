@@ -301,6 +301,7 @@ fn reload_of_one_group_applies_only_that_groups_edits() {
         )
     };
     let host = Host::start(dir, &two(1, 1));
+    let api_pids = pids_of(&host, "api");
     edit(&host, &two(2, 2));
     let output = host.cli(&["reload", "--group", "web", "--json"]);
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -312,8 +313,26 @@ fn reload_of_one_group_applies_only_that_groups_edits() {
         1,
         "api's edit waits for its own reload"
     );
+    // Running workers, not only slots: web has two ready, and api's one
+    // worker was left alone by web's reload.
+    assert_eq!(group(&host, "web")["ready"], 2, "{}", host.status());
+    assert_eq!(pids_of(&host, "web").len(), 2, "{}", host.status());
+    assert_eq!(pids_of(&host, "api"), api_pids, "api's worker was replaced");
     let (ok, report) = reload_json(&host);
     assert!(ok, "{report:#}");
     assert_eq!(config_changes(&report), ["api: count 1 -> 2"]);
     assert_eq!(group(&host, "api")["count"], 2);
+    assert_eq!(group(&host, "api")["ready"], 2, "{}", host.status());
+    assert_eq!(pids_of(&host, "api").len(), 2, "{}", host.status());
+}
+
+/// The pids of group `name`'s workers, in status order.
+fn pids_of(host: &Host, name: &str) -> Vec<u64> {
+    host.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["group"] == name)
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect()
 }
