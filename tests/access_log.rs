@@ -163,6 +163,9 @@ fn lines_of_several_workers_under_load_never_interleave() {
         "{lines} lines for {} answers",
         report.ok
     );
+    // One line per request: none lost, none written twice (every request
+    // of the run was answered, and only the run asked for /version).
+    assert_eq!(lines, report.ok, "{lines} lines for {} answers", report.ok);
     assert_eq!(seen, pids.into_iter().collect(), "lines from both workers");
 }
 
